@@ -1,0 +1,31 @@
+"""bdl: Bayesian deep learning on PyTorch with one posterior interface.
+
+Every model answers ``model.posterior(X)`` with a :class:`~bdl.posterior.Posterior`.
+"""
+
+from bdl import lastlayer, metrics
+from bdl.estimators import VBLLClassifier, VBLLRegressor
+from bdl.lastlayer import (
+    GenerativeVBLLClassification,
+    HeteroscedasticVBLLRegression,
+    VBLLClassification,
+    VBLLRegression,
+)
+from bdl.posterior import CategoricalPosterior, GaussianPosterior, Posterior, SamplePosterior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VBLLRegressor",
+    "VBLLClassifier",
+    "Posterior",
+    "GaussianPosterior",
+    "CategoricalPosterior",
+    "SamplePosterior",
+    "VBLLRegression",
+    "HeteroscedasticVBLLRegression",
+    "VBLLClassification",
+    "GenerativeVBLLClassification",
+    "lastlayer",
+    "metrics",
+]

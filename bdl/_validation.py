@@ -1,0 +1,81 @@
+"""Input checks shared by models and estimators: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as float, raising ``ValueError`` naming ``name`` if it is not > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or value != value or value == float("inf"):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def check_int(name: str, value: int, *, minimum: int = 1) -> int:
+    """Return ``value`` as int, raising ``ValueError`` naming ``name`` if it is < ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_tensor(
+    name: str,
+    x: Tensor,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    last_dim: int | None = None,
+    finite: bool = True,
+) -> Tensor:
+    """Validate a tensor argument.
+
+    Parameters
+    ----------
+    name : str
+        Argument name used in error messages.
+    x : Tensor
+    ndim : int or tuple of int, optional
+        Allowed numbers of dimensions.
+    last_dim : int, optional
+        Required size of the last dimension.
+    finite : bool
+        Require every entry to be finite (floating tensors only).
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if x.dim() not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(x.shape)}"
+            )
+    if last_dim is not None and (x.dim() == 0 or x.shape[-1] != last_dim):
+        raise ValueError(f"{name} must have last dimension {last_dim}, got shape {tuple(x.shape)}")
+    if x.dim() > 0 and x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def check_same_length(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Raise ``ValueError`` if ``a`` and ``b`` differ in their first dimension."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{name_a} and {name_b} have different lengths: {a.shape[0]} and {b.shape[0]}"
+        )

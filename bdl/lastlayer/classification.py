@@ -1,0 +1,255 @@
+"""Discriminative VBLL classification head (D-VBLL, ALGORITHMS §1.6).
+
+Logits ``z = W phi + b + eps`` with ``eps ~ N(0, diag(sigma^2))`` and ``q(w_k) = N(wbar_k, S_k)``,
+so each logit is marginally ``N(wbar_k^T phi + b_k, v_k)``, ``v_k = phi^T S_k phi + sigma_k^2``.
+Training maximises the sampling-free Jensen bound
+
+    log p(y | x) >= wbar_y^T phi + b_y - log sum_k exp(wbar_k^T phi + b_k + v_k / 2)
+
+minus ``KL / N``. Predictions integrate the Gaussian logits either with the mean-field
+(probit-style) approximation ``softmax(mu_k / sqrt(1 + pi v_k / 8))`` (deterministic,
+single pass) or by Monte Carlo.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bdl._validation import check_choice, check_int, check_positive
+from bdl.lastlayer._base import (
+    GaussianWeights,
+    check_head_args,
+    flatten_features,
+    inverse_wishart_log_prior,
+    require_num_data,
+)
+from bdl.posterior import CategoricalPosterior
+
+PREDICTIVE_METHODS = ("meanfield", "mc")
+
+
+def check_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
+    """Validate integer class labels of shape (n,) in ``[0, num_classes)``."""
+    if not isinstance(y, Tensor):
+        raise ValueError(f"y must be a torch.Tensor of class labels, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (n,):
+        raise ValueError(
+            f"y must hold integer class labels of shape ({n},), got dtype {y.dtype} and "
+            f"shape {tuple(y.shape)}"
+        )
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"y holds labels outside [0, {num_classes})")
+    return y
+
+
+def gaussian_softmax(
+    mean: Tensor, var: Tensor, method: str, num_samples: int, generator: torch.Generator | None
+) -> CategoricalPosterior:
+    """Class probabilities of ``softmax(z)`` with ``z_k ~ N(mean_k, var_k)`` independent.
+
+    Parameters
+    ----------
+    mean, var : Tensor, shape (..., n, C)
+    method : {"meanfield", "mc"}
+    num_samples : int
+        Monte Carlo draws for ``method="mc"``.
+    """
+    if method == "meanfield":
+        return CategoricalPosterior(
+            torch.softmax(mean / torch.sqrt(1.0 + (math.pi / 8.0) * var), -1)
+        )
+    base = torch.randn(
+        (num_samples,) + mean.shape, dtype=mean.dtype, device=mean.device, generator=generator
+    )
+    draws = torch.softmax(mean + var.sqrt() * base, -1)
+    return CategoricalPosterior(draws.mean(0), prob_samples=draws)
+
+
+class VBLLClassification(nn.Module):
+    """Discriminative Bayesian last layer for ``C``-class classification.
+
+    Parameters
+    ----------
+    in_features : int
+        Feature width ``d``.
+    num_classes : int
+        Number of classes ``C`` (>= 2).
+    num_data : int, optional
+        Training-set size ``N`` (weights the KL by ``1/N``); needed before :meth:`loss`.
+    covariance : {"dense", "diagonal", "lowrank"}
+        Covariance family of each class's weight posterior.
+    rank : int
+        Rank for ``covariance="lowrank"``.
+    prior_scale : float
+        ``s_p = prior_scale / d``.
+    noise_std : float
+        Initial logit-noise standard deviation (deterministic).
+    learn_noise : bool
+        Learn the logit noise (point estimate under the IW-type prior).
+    wishart_scale : float or None
+        Scale of the prior on the logit noise (None: no prior).
+    dof : float
+        Degrees of freedom of that prior.
+    predictive : {"meanfield", "mc"}
+        How :meth:`posterior` integrates the Gaussian logits.
+    num_samples : int
+        Draws for ``predictive="mc"``.
+    bias : bool
+        Learn a point-estimated logit offset.
+    learn_prior : bool
+        Learn the prior variance by maximising the bound (empirical Bayes); ``prior_scale``
+        is then only its starting value.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        num_data: int | None = None,
+        covariance: str = "dense",
+        rank: int = 4,
+        prior_scale: float = 1.0,
+        noise_std: float = 0.1,
+        learn_noise: bool = True,
+        wishart_scale: float | None = 1.0,
+        dof: float = 1.0,
+        predictive: str = "meanfield",
+        num_samples: int = 64,
+        bias: bool = True,
+        learn_prior: bool = False,
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, num_classes, prior_scale, num_data)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_choice("covariance", covariance, ("dense", "diagonal", "lowrank"))
+        check_choice("predictive", predictive, PREDICTIVE_METHODS)
+        check_int("num_samples", num_samples)
+        check_positive("noise_std", noise_std)
+        if wishart_scale is not None:
+            check_positive("wishart_scale", wishart_scale)
+        self.in_features, self.num_classes = in_features, num_classes
+        self.num_data = num_data
+        self.covariance = covariance
+        self.wishart_scale, self.dof = wishart_scale, dof
+        self.predictive, self.num_samples = predictive, num_samples
+        prior_variance = prior_scale / in_features
+        self.weights = GaussianWeights(
+            num_classes,
+            in_features,
+            covariance=covariance,
+            rank=rank,
+            prior_variance=prior_variance,
+            # start well inside the prior: early logits are then close to a plain linear head
+            init_std=0.1 * math.sqrt(prior_variance),
+            mean_init_std=math.sqrt(prior_variance),
+            learn_prior=learn_prior,
+        )
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+        log_noise = torch.full((num_classes,), math.log(noise_std))
+        if learn_noise:
+            self.log_noise_std = nn.Parameter(log_noise)
+        else:
+            self.register_buffer("log_noise_std", log_noise)
+
+    def _mean(self, phi: Tensor) -> Tensor:
+        mean = phi @ self.weights.mean.T
+        return mean if self.bias is None else mean + self.bias
+
+    def logit_moments(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the Gaussian logits, each of shape (..., C)."""
+        phi, lead = flatten_features(features, self.in_features)
+        var = self.weights.cov.quad(phi) + torch.exp(2.0 * self.log_noise_std)
+        shape = lead + (self.num_classes,)
+        return self._mean(phi).reshape(shape), var.reshape(shape)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Mean logits, shape (..., C): a drop-in for ``nn.Linear``."""
+        phi, lead = flatten_features(features, self.in_features)
+        return self._mean(phi).reshape(lead + (self.num_classes,))
+
+    def log_likelihood_bound(self, features: Tensor, y: Tensor) -> Tensor:
+        """Jensen lower bound on ``E_q log p(y_i | x_i)`` per point; shape (B,)."""
+        phi, _ = flatten_features(features, self.in_features)
+        y = check_labels(y, phi.shape[0], self.num_classes)
+        mean = self._mean(phi)
+        var = self.weights.cov.quad(phi) + torch.exp(2.0 * self.log_noise_std)
+        picked = mean.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(mean + 0.5 * var, -1)
+
+    def kl_divergence(self) -> Tensor:
+        return self.weights.kl_divergence()
+
+    def loss(self, features: Tensor, y: Tensor) -> Tensor:
+        """Negative ELBO per datum: ``-mean_i bound_i + (KL - log p(sigma)) / N``."""
+        num_data = require_num_data(self.num_data)
+        bound = self.log_likelihood_bound(features, y).mean()
+        log_prior = inverse_wishart_log_prior(self.log_noise_std, self.wishart_scale, self.dof)
+        return -bound + (self.kl_divergence() - log_prior) / num_data
+
+    @torch.no_grad()
+    def fit_covariance(
+        self, features: Tensor, *, max_iter: int = 20, tol: float = 1e-6, chunk_size: int = 4096
+    ) -> int:
+        """Set the covariance (and learned logit noise) to the bound's optimum given the means.
+
+        Setting the gradient of ``N * ELBO`` with respect to ``S_k`` to zero gives the fixed
+        point ``S_k^-1 = I / s_p + sum_i pt_ik phi_i phi_i^T`` with
+        ``pt_i = softmax(mu_i + v_i / 2)`` (the weights of the Jensen bound's log-sum-exp),
+        which depends on ``S`` only through ``v``; it is iterated to convergence. For the logit
+        noise the same condition with the inverse-Wishart prior gives
+        ``sum_i pt_ik sigma_k^4 + 2 nu' sigma_k^2 - scale = 0``. ``dense`` and ``diagonal``
+        covariances get the exact optimum of their family; ``lowrank`` the nearest member.
+        Use it after training on the training features (the labels do not enter).
+
+        Parameters
+        ----------
+        features : Tensor, shape (N, d)
+            Features of the whole training set.
+
+        Returns
+        -------
+        int
+            Number of iterations run.
+        """
+        phi, _ = flatten_features(features, self.in_features)
+        phi64 = phi.double()
+        eye = torch.eye(self.in_features, dtype=torch.float64, device=phi.device)
+        previous = None
+        for iteration in range(1, max_iter + 1):
+            weights = []
+            for start in range(0, phi.shape[0], chunk_size):
+                mean, var = self.logit_moments(phi[start : start + chunk_size])
+                weights.append(torch.softmax(mean + 0.5 * var, -1).double())
+            pt = torch.cat(weights)  # (N, C)
+            precision = torch.stack(
+                [(phi64 * pt[:, k : k + 1]).T @ phi64 for k in range(self.num_classes)]
+            )
+            precision = precision + eye / self.weights.prior_variance
+            self.weights.assign_from_precision(self.weights.mean.detach().clone(), precision)
+            if isinstance(self.log_noise_std, nn.Parameter):
+                mass = pt.sum(0)
+                if self.wishart_scale is None:
+                    noise_var = torch.full_like(mass, 1e-12)
+                else:
+                    nu = 0.5 * (self.dof + self.num_classes + 1.0)
+                    # positive root of mass * s^2 + 2 nu s - scale = 0 (s = sigma^2)
+                    noise_var = self.wishart_scale / (
+                        nu + torch.sqrt(nu**2 + mass * self.wishart_scale)
+                    )
+                self.log_noise_std.copy_(0.5 * noise_var.log().to(self.log_noise_std.dtype))
+            if previous is not None and (pt - previous).abs().max() < tol:
+                break
+            previous = pt
+        return iteration
+
+    def posterior(
+        self, features: Tensor, generator: torch.Generator | None = None
+    ) -> CategoricalPosterior:
+        """Predictive class probabilities at ``features`` (..., n, d) -> (..., n, C)."""
+        mean, var = self.logit_moments(features)
+        return gaussian_softmax(mean, var, self.predictive, self.num_samples, generator)

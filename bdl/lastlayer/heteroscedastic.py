@@ -1,0 +1,161 @@
+"""Heteroscedastic VBLL regression: input-dependent noise with its own Bayesian last layer.
+
+Model: ``y = W phi + b + eps``, ``eps ~ N(0, sigma^2(x))``, ``log sigma_k^2(x) = m_k^T phi + c_k``,
+with independent Gaussian posteriors ``q(w_k) = N(wbar_k, S_k)`` and ``q(m_k) = N(mbar_k, R_k)``.
+With ``l = log sigma^2 ~ N(mu_l, s_l^2)``, ``mu_l = mbar^T phi + c``, ``s_l^2 = phi^T R phi``:
+
+    E_q log N(y | w^T phi + b, e^l) = -1/2 [log 2 pi + mu_l
+                                          + exp(-mu_l + s_l^2 / 2) ((y - wbar^T phi - b)^2 + phi^T S phi)]
+
+exactly (``E[e^{-l}]`` is a log-normal moment). Unlike the vbll package, ``S`` is the weight
+covariance itself, not a covariance relative to the noise. The predictive is summarised by
+its first two moments, ``variance = phi^T S phi + exp(mu_l + s_l^2 / 2)`` (a moment-matched
+Gaussian; the exact predictive is a log-normal scale mixture with slightly heavier tails).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bdl._validation import check_choice, check_positive
+from bdl.lastlayer._base import (
+    LOG_2PI,
+    GaussianWeights,
+    check_head_args,
+    flatten_features,
+    require_num_data,
+)
+from bdl.posterior import GaussianPosterior
+
+
+class HeteroscedasticVBLLRegression(nn.Module):
+    """Bayesian last layer with a Bayesian log-noise layer.
+
+    Parameters
+    ----------
+    in_features : int
+        Feature width ``d``.
+    out_features : int
+        Number of outputs ``m``.
+    num_data : int, optional
+        Training-set size ``N`` (weights the KL terms by ``1/N``).
+    covariance : {"dense", "diagonal", "lowrank"}
+        Covariance family of the mean weights.
+    noise_covariance : {"dense", "diagonal", "lowrank"}
+        Covariance family of the log-noise weights.
+    rank : int
+        Rank for low-rank families.
+    prior_scale : float
+        Mean-weight prior variance times ``d``.
+    noise_prior_scale : float
+        Log-noise-weight prior variance times ``d`` (small: the noise varies smoothly).
+    noise_std : float
+        Initial noise standard deviation (sets the initial offset ``c``).
+    bias : bool
+        Learn a point-estimated offset of the mean.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        *,
+        num_data: int | None = None,
+        covariance: str = "dense",
+        noise_covariance: str = "diagonal",
+        rank: int = 4,
+        prior_scale: float = 1.0,
+        noise_prior_scale: float = 0.01,
+        noise_std: float = 1.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, out_features, prior_scale, num_data)
+        check_choice("covariance", covariance, ("dense", "diagonal", "lowrank"))
+        check_choice("noise_covariance", noise_covariance, ("dense", "diagonal", "lowrank"))
+        check_positive("noise_prior_scale", noise_prior_scale)
+        check_positive("noise_std", noise_std)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_data = num_data
+        s_w = prior_scale / in_features
+        s_m = noise_prior_scale / in_features
+        self.weights = GaussianWeights(
+            out_features, in_features, covariance=covariance, rank=rank,
+            prior_variance=s_w, init_std=math.sqrt(s_w), mean_init_std=math.sqrt(s_w),
+        )  # fmt: skip
+        self.noise_weights = GaussianWeights(
+            out_features, in_features, covariance=noise_covariance, rank=rank,
+            prior_variance=s_m, init_std=math.sqrt(s_m), mean_init_std=0.0,
+        )  # fmt: skip
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.noise_offset = nn.Parameter(torch.full((out_features,), 2.0 * math.log(noise_std)))
+
+    def _mean(self, phi: Tensor) -> Tensor:
+        mean = phi @ self.weights.mean.T
+        return mean if self.bias is None else mean + self.bias
+
+    def log_noise_moments(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of ``log sigma^2(x)`` under ``q``, each (..., m)."""
+        phi, lead = flatten_features(features, self.in_features)
+        mu = phi @ self.noise_weights.mean.T + self.noise_offset
+        var = self.noise_weights.cov.quad(phi)
+        shape = lead + (self.out_features,)
+        return mu.reshape(shape), var.reshape(shape)
+
+    def noise_variance(self, features: Tensor) -> Tensor:
+        """Expected noise variance ``E_q sigma^2(x) = exp(mu_l + s_l^2 / 2)``, shape (..., m)."""
+        mu, var = self.log_noise_moments(features)
+        return torch.exp(mu + 0.5 * var)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Predictive mean, shape (..., m)."""
+        phi, lead = flatten_features(features, self.in_features)
+        return self._mean(phi).reshape(lead + (self.out_features,))
+
+    def expected_log_likelihood(self, features: Tensor, y: Tensor) -> Tensor:
+        """Exact ``E_q log p(y_i | x_i)`` per point, summed over outputs; shape (n,)."""
+        phi, _ = flatten_features(features, self.in_features)
+        if not isinstance(y, Tensor):
+            raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if y.dim() == 1 and self.out_features == 1:
+            y = y.unsqueeze(-1)
+        if y.shape != (phi.shape[0], self.out_features):
+            raise ValueError(
+                f"y must have shape ({phi.shape[0]}, {self.out_features}), got {tuple(y.shape)}"
+            )
+        mu_l = phi @ self.noise_weights.mean.T + self.noise_offset
+        s_l = self.noise_weights.cov.quad(phi)
+        inv_noise = torch.exp(-mu_l + 0.5 * s_l)  # E[exp(-l)]
+        sq = (y - self._mean(phi)).pow(2) + self.weights.cov.quad(phi)
+        return (-0.5 * (LOG_2PI + mu_l + inv_noise * sq)).sum(-1)
+
+    def kl_divergence(self) -> Tensor:
+        return self.weights.kl_divergence() + self.noise_weights.kl_divergence()
+
+    def loss(self, features: Tensor, y: Tensor) -> Tensor:
+        """Negative ELBO per datum."""
+        num_data = require_num_data(self.num_data)
+        ell = self.expected_log_likelihood(features, y).mean()
+        return -ell + self.kl_divergence() / num_data
+
+    def elbo(self, features: Tensor, y: Tensor) -> Tensor:
+        """Full-data evidence lower bound."""
+        return self.expected_log_likelihood(features, y).sum() - self.kl_divergence()
+
+    def posterior(self, features: Tensor, observation_noise: bool = False) -> GaussianPosterior:
+        """Predictive at ``features`` (..., n, d); latent ``f`` unless ``observation_noise``.
+
+        With noise, the variance is ``phi^T S phi + E sigma^2(x)`` (moment matched).
+        """
+        phi, lead = flatten_features(features, self.in_features)
+        if len(lead) == 0:
+            raise ValueError("features must have shape (..., n, d), got a single vector")
+        shape = lead + (self.out_features,)
+        mean = self._mean(phi).reshape(shape)
+        var = self.weights.cov.quad(phi).reshape(shape)
+        if observation_noise:
+            var = var + self.noise_variance(features)
+        return GaussianPosterior(mean, variance=var)

@@ -1,0 +1,316 @@
+"""Variational Bayesian last layer for regression with homoscedastic Gaussian noise.
+
+Model (ALGORITHMS §1.3): ``y = W phi + b + eps`` with ``eps ~ N(0, diag(sigma^2))``, rows
+``w_k ~ N(0, s_p I)`` a priori, ``s_p = prior_scale / d``, and ``q(w_k) = N(wbar_k, S_k)``.
+The expected log-likelihood is exact (no Jensen gap):
+
+    E_q log N(y | W phi + b, Sigma) = log N(y | Wbar phi + b, Sigma) - 1/2 sum_k phi^T S_k phi / sigma_k^2
+
+so that ``N * elbo`` at the optimum equals the exact log evidence of Bayesian linear regression.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bdl._validation import check_choice, check_positive
+from bdl.lastlayer._base import (
+    LOG_2PI,
+    GaussianWeights,
+    check_head_args,
+    flatten_features,
+    inverse_wishart_log_prior,
+    require_num_data,
+)
+from bdl.posterior import GaussianPosterior
+
+
+def interleave_block_diagonal(blocks: Tensor) -> Tensor:
+    """Joint covariance of ``m`` independent outputs in interleaved order.
+
+    Parameters
+    ----------
+    blocks : Tensor, shape (m, n, n)
+        Covariance of each output across the ``n`` points.
+
+    Returns
+    -------
+    Tensor, shape (n*m, n*m)
+        Row ``i*m + j`` is point ``i``, output ``j``.
+    """
+    m, n, _ = blocks.shape
+    if m == 1:
+        return blocks[0]
+    joint = blocks.new_zeros(n, m, n, m)
+    idx = torch.arange(m, device=blocks.device)
+    joint[:, idx, :, idx] = blocks
+    return joint.reshape(n * m, n * m)
+
+
+class VBLLRegression(nn.Module):
+    """Bayesian linear regression head trained by a sampling-free variational bound.
+
+    Parameters
+    ----------
+    in_features : int
+        Feature width ``d``.
+    out_features : int
+        Number of regression outputs ``m``.
+    num_data : int, optional
+        Training-set size ``N``; the KL term of :meth:`loss` is weighted by ``1/N``. Needed
+        before calling :meth:`loss` (can be set later as ``head.num_data = N``).
+    covariance : {"dense", "diagonal", "lowrank"}
+        Posterior covariance family of each output's weight vector.
+    rank : int
+        Rank of the low-rank factor when ``covariance="lowrank"``.
+    prior_scale : float
+        Prior variance of the weights times ``d`` (``s_p = prior_scale / d``).
+    noise_std : float
+        Initial observation-noise standard deviation (same for every output). The default 1.0
+        is the marginal spread of standardised targets: the noise starts at the data scale and
+        shrinks as the fit improves (a deterministic, scale-aware start).
+    learn_noise : bool
+        Learn the noise as a point estimate; otherwise keep it at ``noise_std``.
+    wishart_scale : float or None
+        Scale of the inverse-Wishart-type prior on the noise (None: no prior).
+    dof : float
+        Degrees of freedom of that prior.
+    bias : bool
+        Learn a point-estimated output offset ``b``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        *,
+        num_data: int | None = None,
+        covariance: str = "dense",
+        rank: int = 4,
+        prior_scale: float = 1.0,
+        noise_std: float = 1.0,
+        learn_noise: bool = True,
+        wishart_scale: float | None = 1e-2,
+        dof: float = 1.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, out_features, prior_scale, num_data)
+        check_choice("covariance", covariance, ("dense", "diagonal", "lowrank"))
+        check_positive("noise_std", noise_std)
+        if wishart_scale is not None:
+            check_positive("wishart_scale", wishart_scale)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_data = num_data
+        self.covariance = covariance
+        self.wishart_scale, self.dof = wishart_scale, dof
+        prior_variance = prior_scale / in_features
+        self.weights = GaussianWeights(
+            out_features,
+            in_features,
+            covariance=covariance,
+            rank=rank,
+            prior_variance=prior_variance,
+            # start at the prior spread: the bound then pulls S down as data accumulates
+            init_std=math.sqrt(prior_variance),
+            mean_init_std=math.sqrt(prior_variance),
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        log_noise = torch.full((out_features,), math.log(noise_std))
+        if learn_noise:
+            self.log_noise_std = nn.Parameter(log_noise)
+        else:
+            self.register_buffer("log_noise_std", log_noise)
+
+    # -- pieces ----------------------------------------------------------------------------
+    @property
+    def noise_variance(self) -> Tensor:
+        """Observation-noise variance per output, shape (m,)."""
+        return torch.exp(2.0 * self.log_noise_std)
+
+    def _mean(self, phi: Tensor) -> Tensor:
+        mean = phi @ self.weights.mean.T
+        return mean if self.bias is None else mean + self.bias
+
+    def _targets(self, y: Tensor, n: int) -> Tensor:
+        if not isinstance(y, Tensor):
+            raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if y.dim() == 1 and self.out_features == 1:
+            y = y.unsqueeze(-1)
+        if y.dim() != 2 or y.shape != (n, self.out_features):
+            raise ValueError(
+                f"y must have shape ({n}, {self.out_features}) to match features, "
+                f"got {tuple(y.shape)}"
+            )
+        return y
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Predictive mean, shape (..., m): a drop-in for ``nn.Linear``."""
+        phi, lead = flatten_features(features, self.in_features)
+        return self._mean(phi).reshape(lead + (self.out_features,))
+
+    def expected_log_likelihood(self, features: Tensor, y: Tensor) -> Tensor:
+        """``E_q log p(y_i | phi_i)`` per point, summed over outputs; shape (n,)."""
+        phi, _ = flatten_features(features, self.in_features)
+        y = self._targets(y, phi.shape[0])
+        inv_noise = torch.exp(-2.0 * self.log_noise_std)
+        sq = (y - self._mean(phi)).pow(2) + self.weights.cov.quad(phi)
+        per_output = -0.5 * (sq * inv_noise + LOG_2PI) - self.log_noise_std
+        return per_output.sum(-1)
+
+    def kl_divergence(self) -> Tensor:
+        """``KL(q(W) || p(W))``, a scalar."""
+        return self.weights.kl_divergence()
+
+    def loss(self, features: Tensor, y: Tensor) -> Tensor:
+        """Negative ELBO per datum on a minibatch (minimise this).
+
+        ``-mean_i E_q log p(y_i) + (KL - log p(Sigma)) / N``.
+
+        Parameters
+        ----------
+        features : Tensor, shape (B, d)
+        y : Tensor, shape (B, m) or (B,) when m == 1
+        """
+        num_data = require_num_data(self.num_data)
+        ell = self.expected_log_likelihood(features, y).mean()
+        log_prior = inverse_wishart_log_prior(self.log_noise_std, self.wishart_scale, self.dof)
+        return -ell + (self.kl_divergence() - log_prior) / num_data
+
+    def elbo(self, features: Tensor, y: Tensor) -> Tensor:
+        """Full-data evidence lower bound ``sum_i E_q log p(y_i) - KL`` (no noise prior)."""
+        return self.expected_log_likelihood(features, y).sum() - self.kl_divergence()
+
+    # -- prediction ------------------------------------------------------------------------
+    def posterior(
+        self, features: Tensor, observation_noise: bool = False, joint: bool = False
+    ) -> GaussianPosterior:
+        """Predictive distribution at ``features``.
+
+        Parameters
+        ----------
+        features : Tensor, shape (n, d) or (..., n, d)
+        observation_noise : bool
+            Include the noise ``sigma^2`` (the predictive of ``y``) or not (latent ``f``).
+        joint : bool
+            Return the full joint covariance across the ``n`` points (``features`` must be
+            2-D), e.g. for batch acquisition functions.
+
+        Returns
+        -------
+        GaussianPosterior, mean shape (..., n, m)
+        """
+        phi, lead = flatten_features(features, self.in_features)
+        if len(lead) == 0:
+            raise ValueError("features must have shape (..., n, d), got a single vector")
+        mean = self._mean(phi).reshape(lead + (self.out_features,))
+        if joint:
+            if phi.shape[0] != lead.numel() or len(lead) != 1:
+                raise ValueError("joint=True needs features of shape (n, d)")
+            blocks = self.weights.cov.cross(phi, phi)  # (m, n, n)
+            if observation_noise:
+                eye = torch.eye(phi.shape[0], dtype=phi.dtype, device=phi.device)
+                blocks = blocks + self.noise_variance[:, None, None] * eye
+            return GaussianPosterior(mean, covariance=interleave_block_diagonal(blocks))
+        var = self.weights.cov.quad(phi).reshape(mean.shape)
+        if observation_noise:
+            var = var + self.noise_variance
+        return GaussianPosterior(mean, variance=var)
+
+    # -- closed form -----------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_closed_form(
+        self,
+        features: Tensor,
+        y: Tensor,
+        *,
+        learn_noise: bool = True,
+        learn_prior: bool = False,
+        max_iter: int = 200,
+        tol: float = 1e-10,
+    ) -> dict[str, Tensor]:
+        """Set ``q(W)`` (and optionally the noise and prior) to the exact optimum given features.
+
+        With fixed features the bound's maximiser is the Bayesian linear regression posterior
+        ``S_k = (Phi^T Phi / sigma_k^2 + I / s_p)^-1``, ``wbar_k = S_k Phi^T y_k / sigma_k^2``.
+        The noise (and, if asked, ``s_p``) are set by type-II maximum likelihood with MacKay's
+        fixed point (``gamma = sum_i lam_i / (lam_i + sigma^2 / s_p)``,
+        ``sigma^2 = ||y - Phi wbar||^2 / (n - gamma)``, ``s_p = ||wbar||^2 / gamma``) on one
+        eigendecomposition of ``Phi^T Phi``. With ``bias=True`` features and targets are
+        centred for the hyperparameters and the mean (the offset is profiled out), and ``S``
+        is the bound's optimum given the point-estimated offset (uncentred Gram matrix). The
+        returned ``log_evidence`` integrates the offset out under a flat prior (``n - 1``
+        effective points), so it is not directly comparable with :meth:`elbo`, which treats
+        the offset as fixed. The noise prior is not used here.
+
+        Parameters
+        ----------
+        features : Tensor, shape (n, d)
+        y : Tensor, shape (n, m) or (n,)
+
+        Returns
+        -------
+        dict with ``log_evidence`` (m,), ``noise_variance`` (m,), ``prior_variance`` (m,).
+        """
+        phi, _ = flatten_features(features, self.in_features)
+        y = self._targets(y, phi.shape[0])
+        phi64, y64 = phi.double(), y.double()
+        n, d = phi64.shape
+        if self.bias is not None:
+            phi_mean, y_mean = phi64.mean(0), y64.mean(0)
+            phi64, y64 = phi64 - phi_mean, y64 - y_mean
+        evals, evecs = torch.linalg.eigh(phi64.T @ phi64)
+        evals = evals.clamp_min(0.0)
+        proj = evecs.T @ (phi64.T @ y64)  # (d, m) rotated Phi^T y
+        yy = y64.pow(2).sum(0)  # (m,)
+        n_eff = n - 1 if self.bias is not None else n
+        noise = self.noise_variance.double().clone()
+        prior = torch.full_like(noise, self.weights.prior_variance)
+        for _ in range(max_iter):
+            prec = evals[:, None] / noise + 1.0 / prior  # (d, m) posterior precision eigenvalues
+            w_rot = proj / noise / prec
+            resid = yy - 2.0 * (w_rot * proj).sum(0) + (evals[:, None] * w_rot.pow(2)).sum(0)
+            gamma = (evals[:, None] / noise / prec).sum(0)
+            new_noise = (
+                (resid.clamp_min(1e-300) / (n_eff - gamma).clamp_min(1e-12))
+                if learn_noise
+                else noise
+            )
+            # one prior variance shared by all outputs: pooled fixed point
+            pooled = w_rot.pow(2).sum() / gamma.sum().clamp_min(1e-12)
+            new_prior = pooled.expand_as(prior) if learn_prior else prior
+            change = ((new_noise - noise).abs() / noise).max() + (
+                (new_prior - prior).abs() / prior
+            ).max()
+            noise, prior = new_noise, new_prior
+            if change < tol:
+                break
+        prec = evals[:, None] / noise + 1.0 / prior
+        w_rot = proj / noise / prec
+        resid = yy - 2.0 * (w_rot * proj).sum(0) + (evals[:, None] * w_rot.pow(2)).sum(0)
+        log_evidence = -0.5 * (
+            n_eff * torch.log(2 * math.pi * noise)
+            + d * torch.log(prior)
+            + prec.log().sum(0)
+            + resid / noise
+            + w_rot.pow(2).sum(0) / prior
+        )
+        mean = (evecs @ w_rot).T  # (m, d)
+        # q(W) given the point-estimated offset: its covariance uses the *uncentred* Gram
+        # matrix (the ELBO's optimum in S), while the mean is the centred (profiled) solution.
+        gram = phi64.T @ phi64
+        if self.bias is not None:
+            gram = gram + n * torch.outer(phi_mean, phi_mean)
+        eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+        precision = torch.stack([gram / noise[k] + eye / prior[k] for k in range(len(noise))])
+        if learn_prior:
+            self.weights.prior_variance = float(prior[0])
+        self.weights.assign_from_precision(mean, precision)
+        if self.bias is not None:
+            self.bias.copy_((y_mean - phi_mean @ mean.T).to(self.bias.dtype))
+        if learn_noise:
+            self.log_noise_std.copy_((0.5 * noise.log()).to(self.log_noise_std.dtype))
+        return {"log_evidence": log_evidence, "noise_variance": noise, "prior_variance": prior}
