@@ -61,9 +61,8 @@ def check_tensor(
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if x.dim() not in allowed:
-            raise ValueError(
-                f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(x.shape)}"
-            )
+            dims = " or ".join(map(str, allowed))
+            raise ValueError(f"{name} must have {dims} dims, got shape {tuple(x.shape)}")
     if last_dim is not None and (x.dim() == 0 or x.shape[-1] != last_dim):
         raise ValueError(f"{name} must have last dimension {last_dim}, got shape {tuple(x.shape)}")
     if x.dim() > 0 and x.shape[0] == 0:

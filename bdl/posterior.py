@@ -568,4 +568,5 @@ class SamplePosterior(Posterior):
 
     def __repr__(self) -> str:
         noisy = self.noise_variance is not None
-        return f"SamplePosterior(draws={self.num_samples}, shape={tuple(self.mean.shape)}, noise={noisy})"
+        shape = tuple(self.mean.shape)
+        return f"SamplePosterior(draws={self.num_samples}, shape={shape}, noise={noisy})"

@@ -73,8 +73,7 @@ class Split:
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return tuple(
-            torch.as_tensor(a)
-            for a in (self.x_train, self.y_train, self.x_test, self.y_test)
+            torch.as_tensor(a) for a in (self.x_train, self.y_train, self.x_test, self.y_test)
         )  # type: ignore[return-value]
 
 

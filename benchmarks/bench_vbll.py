@@ -12,7 +12,10 @@ seeds (mean ± sd):
 - ``vbll-*``: the vbll package in the same network (AdamW, wd 1e-4 on the body, 0 on the
   layer, clip 1.0, ``regularization_weight = 1/N``).
 
-Usage: ``python benchmarks/bench_vbll.py [--quick] [--rows digits:map,vbll]``.
+Usage: ``python benchmarks/bench_vbll.py [--quick] [--rows digits:map,vbll] [--skip vbll-dense]``.
+Row keys: ``digits:{map,est,head-dense,head-diagonal,head-lowrank,head-generative,
+vbll-diagonal,vbll-dense}``, ``diabetes:{map,est,head-dense,head-diagonal,head-lowrank,
+head-heteroscedastic,vbll-dense-w0.1,vbll-dense-w1.0}``.
 """
 
 from __future__ import annotations
@@ -116,7 +119,9 @@ def all_rows() -> list[Row]:
         Row("diabetes:est", "**ours: VBLLRegressor() defaults**", estimator_row),
     ]
     for name, factory in C.OUR_REGRESSION.items():
-        rows.append(Row(f"diabetes:head-{name}", f"ours head: {name}", protocol_row(factory, plain=False)))
+        rows.append(
+            Row(f"diabetes:head-{name}", f"ours head: {name}", protocol_row(factory, plain=False))
+        )
     for wishart in (0.1, 1.0):
         rows.append(
             Row(
@@ -139,12 +144,20 @@ def main() -> None:
     parser.add_argument(
         "--rows", default="", help="comma-separated substrings of row keys, e.g. digits:map,vbll"
     )
+    parser.add_argument(
+        "--skip", default="", help="comma-separated substrings of row keys to leave out"
+    )
     args = parser.parse_args()
     threads = C.one_thread()
     patterns = [p for p in args.rows.split(",") if p]
+    skip = [p for p in args.skip.split(",") if p]
     seeds = C.seeds_for(args.quick, args.seeds)
     epochs = 5 if args.quick else None
-    rows = [r for r in all_rows() if C.selected(r.key, patterns)]
+    rows = [
+        r
+        for r in all_rows()
+        if C.selected(r.key, patterns) and not (skip and C.selected(r.key, skip))
+    ]
     if not rows:
         raise SystemExit(f"no row matches {args.rows!r}; keys: {[r.key for r in all_rows()]}")
 

@@ -103,7 +103,7 @@ def plot(entropies, auroc, seed: int, suffix: str):
     fig, axes = plt.subplots(1, len(entropies), figsize=(4.2 * len(entropies), 3.4), sharey=True)
     top = max(max(a.max(), b.max()) for a, b in entropies.values())
     bins = np.linspace(0.0, max(top, 1e-3), 31)
-    for ax, (row, (e_in, e_out)) in zip(axes, entropies.items()):
+    for ax, (row, (e_in, e_out)) in zip(axes, entropies.items(), strict=True):
         ax.hist(e_in, bins=bins, density=True, alpha=0.6, label="in (test 0-7)")
         ax.hist(e_out, bins=bins, density=True, alpha=0.6, label="OOD (test 8/9)")
         ax.set_title(f"{row}\nAUROC {statistics.fmean(auroc[row]):.3f}", fontsize=9)

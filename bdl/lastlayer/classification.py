@@ -220,7 +220,9 @@ class VBLLClassification(nn.Module):
         phi64 = phi.double()
         eye = torch.eye(self.in_features, dtype=torch.float64, device=phi.device)
         previous = None
-        for iteration in range(1, max_iter + 1):
+        iteration = 0
+        while iteration < max_iter:
+            iteration += 1
             weights = []
             for start in range(0, phi.shape[0], chunk_size):
                 mean, var = self.logit_moments(phi[start : start + chunk_size])

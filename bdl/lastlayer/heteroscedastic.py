@@ -4,8 +4,8 @@ Model: ``y = W phi + b + eps``, ``eps ~ N(0, sigma^2(x))``, ``log sigma_k^2(x) =
 with independent Gaussian posteriors ``q(w_k) = N(wbar_k, S_k)`` and ``q(m_k) = N(mbar_k, R_k)``.
 With ``l = log sigma^2 ~ N(mu_l, s_l^2)``, ``mu_l = mbar^T phi + c``, ``s_l^2 = phi^T R phi``:
 
-    E_q log N(y | w^T phi + b, e^l) = -1/2 [log 2 pi + mu_l
-                                          + exp(-mu_l + s_l^2 / 2) ((y - wbar^T phi - b)^2 + phi^T S phi)]
+    E_q log N(y | w^T phi + b, e^l)
+        = -1/2 [log 2 pi + mu_l + exp(-mu_l + s_l^2 / 2) ((y - wbar^T phi - b)^2 + phi^T S phi)]
 
 exactly (``E[e^{-l}]`` is a log-normal moment). Unlike the vbll package, ``S`` is the weight
 covariance itself, not a covariance relative to the noise. The predictive is summarised by

@@ -4,7 +4,8 @@ Model (ALGORITHMS §1.3): ``y = W phi + b + eps`` with ``eps ~ N(0, diag(sigma^2
 ``w_k ~ N(0, s_p I)`` a priori, ``s_p = prior_scale / d``, and ``q(w_k) = N(wbar_k, S_k)``.
 The expected log-likelihood is exact (no Jensen gap):
 
-    E_q log N(y | W phi + b, Sigma) = log N(y | Wbar phi + b, Sigma) - 1/2 sum_k phi^T S_k phi / sigma_k^2
+    E_q log N(y | W phi + b, Sigma)
+        = log N(y | Wbar phi + b, Sigma) - 1/2 sum_k phi^T S_k phi / sigma_k^2
 
 so that ``N * elbo`` at the optimum equals the exact log evidence of Bayesian linear regression.
 """

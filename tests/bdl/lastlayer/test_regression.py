@@ -62,22 +62,27 @@ def make_head(m: int = 1, noise_std: float = 0.3, **kw) -> VBLLRegression:
     return head
 
 
-@pytest.mark.parametrize("covariance", ["dense", "diagonal"])
+@pytest.mark.parametrize("covariance", ["dense", "diagonal", "lowrank"])
 def test_closed_form_is_blr(covariance):
     phi, y = make_data()
-    head = make_head(covariance=covariance)
+    head = make_head(covariance=covariance, rank=2)
     s_p = head.weights.prior_variance
     out = head.fit_closed_form(phi, y, learn_noise=False)
     cov, mean = blr(phi, y[:, 0], 0.09, s_p)
+    exact = exact_log_evidence(phi, y[:, 0], 0.09, s_p)
+    torch.testing.assert_close(out["log_evidence"][0], exact, rtol=1e-8, atol=0)
+    # the mean is exact for every family (KL(q || posterior) is minimised at the true mean)
     torch.testing.assert_close(head.weights.mean[0], mean, rtol=0, atol=1e-10)
+    elbo = head.elbo(phi, y).detach()
     if covariance == "dense":
         torch.testing.assert_close(head.weights.cov.matrix()[0], cov, rtol=0, atol=1e-10)
         # the ELBO at the exact optimum is the exact evidence (zero KL gap)
-        exact = exact_log_evidence(phi, y[:, 0], 0.09, s_p)
-        torch.testing.assert_close(head.elbo(phi, y), exact, rtol=1e-8, atol=0)
-        torch.testing.assert_close(out["log_evidence"][0], exact, rtol=1e-8, atol=0)
+        torch.testing.assert_close(elbo, exact, rtol=1e-8, atol=0)
     else:
-        # mean-field optimum of KL(q || posterior): S_ii = 1 / precision_ii, same mean
+        # a restricted family: ELBO = evidence - KL(q || posterior) < evidence
+        assert elbo < exact - 1e-3
+    if covariance == "diagonal":
+        # mean-field optimum of KL(q || posterior): S_ii = 1 / precision_ii
         prec = torch.linalg.inv(cov)
         var = head.weights.cov.matrix()[0].diagonal()
         torch.testing.assert_close(var, 1.0 / prec.diagonal(), rtol=0, atol=1e-10)
@@ -223,6 +228,59 @@ def test_bias_recovers_offset():
     out = head2.fit_closed_form(phi, y, learn_noise=True)
     assert abs(head2.bias.item() - 100.0) < 0.05
     assert 0.03 < out["noise_variance"][0].sqrt().item() < 0.08
+
+
+def restricted_log_evidence(phi, y, noise_var, prior_var):
+    """Evidence with a flat prior on the offset: the density of the ``n - 1`` contrasts
+    ``Q^T y`` (``Q`` an orthonormal basis of ``1^perp``), which do not involve the offset.
+    Equals ``log int N(y | b 1, C) db + log(n) / 2``."""
+    n = phi.shape[0]
+    centre = torch.eye(n, dtype=phi.dtype) - 1.0 / n
+    evals, evecs = torch.linalg.eigh(centre)
+    q = evecs[:, evals > 0.5]  # (n, n - 1)
+    cov = prior_var * phi @ phi.T + noise_var * torch.eye(n, dtype=phi.dtype)
+    cov = q.T @ cov @ q
+    return MultivariateNormal(torch.zeros(n - 1, dtype=phi.dtype), cov).log_prob(q.T @ y)
+
+
+def test_bias_closed_form_is_the_bound_optimum():
+    # features with a large common mean (as after a ReLU): where centring matters most
+    g = torch.Generator().manual_seed(9)
+    phi = torch.randn(N, D, generator=g, dtype=DT) + 2.0
+    y = (
+        3.0
+        + phi @ torch.randn(D, generator=g, dtype=DT)
+        + 0.3 * torch.randn(N, generator=g, dtype=DT)
+    )
+    head = make_head(bias=True)
+    s_p = head.weights.prior_variance
+    out = head.fit_closed_form(phi, y, learn_noise=False)
+    # (b, q(W)) maximise the head's own bound: every gradient vanishes (round-off ~1e-14)
+    head.loss(phi, y).backward()
+    for name, p in head.named_parameters():
+        assert p.grad.abs().max().item() < 1e-10, name
+    # q(W) is the BLR posterior given the fitted offset (uncentred Gram matrix) ...
+    cov, mean = blr(phi, y - head.bias.detach(), 0.09, s_p)
+    torch.testing.assert_close(head.weights.cov.matrix()[0], cov, rtol=0, atol=1e-10)
+    torch.testing.assert_close(head.weights.mean[0], mean, rtol=0, atol=1e-10)
+    # ... the offset is the GLS estimate, which maximises N(y - b 1 | 0, C) over b
+    c = s_p * phi @ phi.T + 0.09 * torch.eye(N, dtype=DT)
+    ones = torch.ones(N, dtype=DT)
+    gls = ones @ torch.linalg.solve(c, y) / (ones @ torch.linalg.solve(c, ones))
+    torch.testing.assert_close(head.bias.detach()[0], gls, rtol=0, atol=1e-10)
+    # ... so the ELBO is the profile evidence (zero gap at fixed b)
+    profile = exact_log_evidence(phi, y - gls, 0.09, s_p)
+    torch.testing.assert_close(head.elbo(phi, y).detach(), profile, rtol=1e-8, atol=0)
+    # the returned log_evidence integrates the offset out (flat prior)
+    ref = restricted_log_evidence(phi, y, 0.09, s_p)
+    torch.testing.assert_close(out["log_evidence"][0], ref, rtol=1e-8, atol=0)
+    # and with learn_noise=True the noise is stationary for that restricted evidence
+    out = head.fit_closed_form(phi, y, learn_noise=True)
+    log_var = out["noise_variance"][0].log().clone().requires_grad_(True)
+    ev = restricted_log_evidence(phi, y, log_var.exp(), s_p)
+    (grad,) = torch.autograd.grad(ev, log_var)
+    assert abs(grad.item()) < 1e-6
+    torch.testing.assert_close(out["log_evidence"][0], ev.detach(), rtol=1e-8, atol=0)
 
 
 def test_learn_noise_buffer_is_not_a_parameter():
