@@ -289,9 +289,12 @@ class VBLLRegressor(RegressorMixin, _VBLLEstimator):
         check_int("head_epochs", self.head_epochs, minimum=0)
         check_positive("head_lr", self.head_lr)
         check_choice("covariance", self.covariance, ("dense", "diagonal", "lowrank"))
+        y_array = np.asarray(y)
+        if y_array.dtype.kind in "USaV":
+            raise ValueError(f"y must be numeric for regression, got dtype {y_array.dtype}")
         X, y = validate_data(self, X, y, y_numeric=True, multi_output=True, dtype=np.float64)
         if X.shape[0] < 2:
-            raise ValueError(f"X must have at least 2 samples to fit, got {X.shape[0]}")
+            raise ValueError(f"X must have at least 2 samples to fit, got n_samples = {X.shape[0]}")
         self._y_1d = y.ndim == 1
         y2 = y.reshape(len(y), -1)
         self.x_scaler_, self.y_scaler_ = _Standardizer(X), _Standardizer(y2)
@@ -477,7 +480,7 @@ class VBLLClassifier(ClassifierMixin, _VBLLEstimator):
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(
-                f"y must contain at least 2 classes, got only {self.classes_.tolist()}"
+                f"y must contain at least 2 classes, got 1 class: {self.classes_.tolist()}"
             )
         self.x_scaler_ = _Standardizer(X)
         x_t = self._tensor(self.x_scaler_(X))
@@ -533,6 +536,7 @@ class VBLLClassifier(ClassifierMixin, _VBLLEstimator):
 
     def predict(self, X) -> np.ndarray:
         """Most probable class label for each row of ``X``."""
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def __sklearn_tags__(self):

@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument(
         "--skip", default="", help="comma-separated substrings of row keys to leave out"
     )
+    parser.add_argument("--out", default="", help="output file name in benchmarks/out")
     args = parser.parse_args()
     threads = C.one_thread()
     patterns = [p for p in args.rows.split(",") if p]
@@ -208,7 +209,7 @@ def main() -> None:
     text = "\n".join(parts) + "\n"
     print()
     print(text)
-    name = "vbll_quality_quick.md" if args.quick else "vbll_quality.md"
+    name = args.out or ("vbll_quality_quick.md" if args.quick else "vbll_quality.md")
     print(f"written to {C.write_out(name, text)}")
 
 

@@ -7,7 +7,7 @@ points the test 8/9. Score = predictive entropy (higher = more OOD); AUROC by
 ``VBLLClassifier`` with default settings, and vbll's dense ``DiscClassification`` in the
 protocol network. Saves entropy histograms (seed 0) to ``benchmarks/out/vbll_ood.png``.
 
-Usage: ``python benchmarks/bench_vbll_ood.py [--quick]``.
+Usage: ``python benchmarks/bench_vbll_ood.py [--quick] [--rows MAP,ours]``.
 """
 
 from __future__ import annotations
@@ -47,18 +47,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 epochs (smoke run)")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--rows", default="", help="comma-separated substrings of row names")
+    parser.add_argument("--out", default="", help="output stem (default vbll_ood[_quick])")
     args = parser.parse_args()
     threads = C.one_thread()
+    rows = [r for r in ROWS if C.selected(r, [p for p in args.rows.split(",") if p])]
     seeds = C.seeds_for(args.quick, args.seeds)
     epochs = 5 if args.quick else None
     split = C.load_split("digits", keep_train_classes=IN_CLASSES)
     y_test = torch.as_tensor(split.y_test)
     is_in = y_test < len(IN_CLASSES)
 
-    auroc: dict[str, list[float]] = {r: [] for r in ROWS}
-    acc: dict[str, list[float]] = {r: [] for r in ROWS}
+    auroc: dict[str, list[float]] = {r: [] for r in rows}
+    acc: dict[str, list[float]] = {r: [] for r in rows}
     entropies: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for row in ROWS:
+    for row in rows:
         for seed in seeds:
             probs = predict(row, split, seed, epochs).double()
             ent = metrics.predictive_entropy(probs)
@@ -68,11 +71,11 @@ def main() -> None:
                 entropies[row] = (ent[is_in].numpy(), ent[~is_in].numpy())
             print(f"  {row:34s} seed {seed}: AUROC {auroc[row][-1]:.4f}", flush=True)
 
-    table = [[r, C.mean_sd(auroc[r], 4), C.mean_sd(acc[r], 3)] for r in ROWS]
-    base = statistics.fmean(auroc[ROWS[0]])
-    for line in table[1:]:
-        line.append(f"{statistics.fmean(auroc[line[0]]) - base:+.4f}")
-    table[0].append("-")
+    table = [[r, C.mean_sd(auroc[r], 4), C.mean_sd(acc[r], 3)] for r in rows]
+    base = statistics.fmean(auroc[ROWS[0]]) if ROWS[0] in auroc else float("nan")
+    for line in table:
+        diff = statistics.fmean(auroc[line[0]]) - base
+        line.append(f"{diff:+.4f}" if line[0] != ROWS[0] and diff == diff else "-")
     mode = "; QUICK smoke run (5 epochs for MAP and vbll, estimator at defaults)" * args.quick
     text = "\n".join(
         [
@@ -89,18 +92,21 @@ def main() -> None:
     )
     print()
     print(text)
-    suffix = "_quick" * args.quick
-    C.write_out(f"vbll_ood{suffix}.md", text + "\n")
-    print(f"\nfigure: {plot(entropies, auroc, seeds[0], suffix)}")
+    stem = args.out or "vbll_ood" + "_quick" * args.quick
+    C.write_out(f"{stem}.md", text + "\n")
+    print(f"\nfigure: {plot(entropies, auroc, seeds[0], stem)}")
 
 
-def plot(entropies, auroc, seed: int, suffix: str):
+def plot(entropies, auroc, seed: int, stem: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(entropies), figsize=(4.2 * len(entropies), 3.4), sharey=True)
+    fig, axes = plt.subplots(
+        1, len(entropies), figsize=(4.2 * len(entropies), 3.4), sharey=True, squeeze=False
+    )
+    axes = axes[0]
     top = max(max(a.max(), b.max()) for a, b in entropies.values())
     bins = np.linspace(0.0, max(top, 1e-3), 31)
     for ax, (row, (e_in, e_out)) in zip(axes, entropies.items(), strict=True):
@@ -112,7 +118,7 @@ def plot(entropies, auroc, seed: int, suffix: str):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     C.OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = C.OUT_DIR / f"vbll_ood{suffix}.png"
+    path = C.OUT_DIR / f"{stem}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

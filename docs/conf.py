@@ -61,7 +61,7 @@ html_theme = "alabaster"
 html_title = f"bdlgp {release}"
 html_static_path: list[str] = []
 html_theme_options = {
-    "description": "Bayesian deep learning and Gaussian processes on PyTorch, one posterior interface",
+    "description": "Bayesian deep learning and GPs on PyTorch, one posterior interface",
     "fixed_sidebar": True,
     "page_width": "1100px",
     "sidebar_width": "240px",

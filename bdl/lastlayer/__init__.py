@@ -1,8 +1,8 @@
 """Variational Bayesian last layers (VBLL) and wrapping of pretrained networks.
 
-Heads are ``nn.Module``s with a per-datum training ``loss(features, y)`` (negative ELBO, KL
-weighted by ``1/num_data``) and ``posterior(features)``; put them on top of any feature
-extractor and train in your own loop.
+Heads are ``nn.Module`` subclasses with a per-datum training ``loss(features, y)`` (negative
+ELBO, KL weighted by ``1/num_data``) and ``posterior(features)``; put them on top of any
+feature extractor and train in your own loop.
 """
 
 from bdl.lastlayer.classification import VBLLClassification

@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from bdl._linalg import psd_safe_cholesky
+
 COVARIANCE_KINDS = ("dense", "diagonal", "lowrank")
 
 
@@ -117,7 +119,7 @@ class DenseCovariance(Covariance):
         return chol @ chol.mT
 
     def assign(self, cov: Tensor) -> None:
-        chol = torch.linalg.cholesky(cov.double()).to(self.off_diag.dtype)
+        chol = psd_safe_cholesky(cov.double()).to(self.off_diag.dtype)
         with torch.no_grad():
             self.off_diag.copy_(chol.tril(-1))
             self.log_diag.copy_(chol.diagonal(dim1=-2, dim2=-1).log())

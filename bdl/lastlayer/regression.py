@@ -275,13 +275,16 @@ class VBLLRegression(nn.Module):
             w_rot = proj / noise / prec
             resid = yy - 2.0 * (w_rot * proj).sum(0) + (evals[:, None] * w_rot.pow(2)).sum(0)
             gamma = (evals[:, None] / noise / prec).sum(0)
+            # floors keep the fixed point away from the degenerate maxima at 0 (a perfect fit
+            # drives the noise to 0; a target with no signal drives the prior to 0)
+            noise_floor = 1e-10 * (yy / n).clamp_min(1e-30)
             new_noise = (
-                (resid.clamp_min(1e-300) / (n_eff - gamma).clamp_min(1e-12))
+                (resid / (n_eff - gamma).clamp_min(1e-12)).maximum(noise_floor)
                 if learn_noise
                 else noise
             )
             # one prior variance shared by all outputs: pooled fixed point
-            pooled = w_rot.pow(2).sum() / gamma.sum().clamp_min(1e-12)
+            pooled = (w_rot.pow(2).sum() / gamma.sum().clamp_min(1e-12)).clamp(1e-10, 1e6)
             new_prior = pooled.expand_as(prior) if learn_prior else prior
             change = ((new_noise - noise).abs() / noise).max() + (
                 (new_prior - prior).abs() / prior

@@ -102,7 +102,7 @@ def test_loss_is_bound_plus_weighted_kl():
 @pytest.mark.parametrize("std", [0.005, 0.05])
 def test_meanfield_close_to_monte_carlo(std):
     g = torch.Generator().manual_seed(3)
-    d, c, b, s = 4, 3, 5, 200_000
+    d, c, b, s = 4, 3, 5, 100_000
     head = VBLLClassification(d, c, num_data=10, predictive="meanfield").to(DT)
     with torch.no_grad():
         head.weights.mean.copy_(torch.randn(c, d, generator=g, dtype=DT))
@@ -142,14 +142,34 @@ def test_meanfield_shrinks_towards_uniform_with_variance():
     torch.testing.assert_close(p_large, torch.full_like(p_large, 1 / 3), rtol=0, atol=0.05)
 
 
+@pytest.mark.parametrize("covariance", ["dense", "diagonal"])
+def test_fit_covariance_is_stationary(covariance):
+    # fit_covariance solves d(loss)/dS = 0 and d(loss)/d sigma^2 = 0 at fixed means by a fixed
+    # point; converged to tol 1e-13 on the softmax weights, the gradient is round-off (~1e-16)
+    g = torch.Generator().manual_seed(6)
+    head = VBLLClassification(5, 3, num_data=40, covariance=covariance).to(DT)
+    with torch.no_grad():
+        head.weights.mean.copy_(torch.randn(3, 5, generator=g, dtype=DT))
+    x = torch.randn(40, 5, generator=g, dtype=DT)
+    y = torch.randint(3, (40,), generator=g)
+    iterations = head.fit_covariance(x, max_iter=500, tol=1e-13)
+    assert iterations < 500
+    head.loss(x, y).backward()
+    for name, p in head.named_parameters():
+        if name.startswith("weights.cov") or name == "log_noise_std":
+            assert p.grad.abs().max().item() < 1e-10, name
+
+
 class _MaxNumel(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.max_numel = 0
         self.worst = ""
+        self.num_ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.num_ops += 1
         for t in out if isinstance(out, tuple | list) else (out,):
             if isinstance(t, torch.Tensor) and t.numel() > self.max_numel:
                 self.max_numel, self.worst = t.numel(), str(func)
@@ -163,8 +183,10 @@ def test_never_builds_batch_times_covariance_tensor(covariance):
     phi = torch.randn(b, d, requires_grad=True)
     y = torch.randint(c, (b,))
     with _MaxNumel() as mode:
-        head.loss(phi, y).backward()
-    assert mode.max_numel > 0
+        loss = head.loss(phi, y)
+        forward_ops = mode.num_ops
+        loss.backward()
+    assert mode.num_ops > forward_ops > 0  # the backward pass was recorded too
     assert mode.max_numel < b * c * d * d, mode.worst
     # in fact nothing larger than the covariance parameters themselves (C d^2)
     assert mode.max_numel <= c * d * d, mode.worst
@@ -195,7 +217,7 @@ def test_classification_training_smoke():
         head = VBLLClassification(2, 3, num_data=120, covariance=covariance, rank=1)
         opt = torch.optim.Adam(head.parameters(), lr=0.05)
         first = head.loss(x, y).item()
-        for _ in range(200):
+        for _ in range(150):
             opt.zero_grad()
             loss = head.loss(x, y)
             loss.backward()

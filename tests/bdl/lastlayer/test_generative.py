@@ -34,7 +34,7 @@ def gda_log_posterior(phi, means, sigma, log_prior):
 
 def make_head(d=4, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    head = GenerativeVBLLClassification(d, c, num_data=20).to(DT)
+    head = GenerativeVBLLClassification(d, c, num_data=20, wishart_scale=1.0).to(DT)
     with torch.no_grad():
         head.class_means.mean.copy_(torch.randn(c, d, generator=g, dtype=DT))
         head.log_noise_std.copy_(0.3 * torch.randn(d, generator=g, dtype=DT))
@@ -84,6 +84,9 @@ def test_set_class_prior():
         head.set_class_prior(torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="counts_or_probs"):
         head.set_class_prior(torch.tensor([1.0, 0.0, 2.0]))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="counts_or_probs"):
+            head.set_class_prior(torch.tensor([1.0, bad, 2.0]))
     # a failed call leaves the prior unchanged
     torch.testing.assert_close(head.log_class_prior.exp(), torch.tensor([0.2, 0.3, 0.5], dtype=DT))
 

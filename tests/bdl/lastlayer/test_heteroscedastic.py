@@ -23,7 +23,7 @@ import torch
 from bdl.lastlayer import HeteroscedasticVBLLRegression
 
 DT = torch.float64
-D, M, B, S = 4, 2, 6, 200_000
+D, M, B, S = 4, 2, 6, 100_000
 
 
 def make_head(covariance="dense", noise_covariance="diagonal", seed=0):

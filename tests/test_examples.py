@@ -1,0 +1,34 @@
+"""Smoke tests: every example script runs end to end in smoke mode and writes a plot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+
+
+def test_examples_found():
+    assert {"quickstart.py", "vbll_regression.py", "vbll_digits.py"} <= {p.name for p in SCRIPTS}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_example_runs_in_smoke_mode(script: Path, tmp_path: Path):
+    env = {**os.environ, "BDL_SMOKE": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"{script.name} failed:\n{result.stdout}\n{result.stderr}"
+    pngs = list(tmp_path.glob("*.png"))
+    assert pngs, f"{script.name} wrote no .png into --out:\n{result.stdout}"
+    assert all(p.stat().st_size > 0 for p in pngs)
