@@ -10,7 +10,8 @@ side and the ratio of the medians, all from the same run.
 vbll is used as its README trains it: ``layer(phi).train_loss_fn(y)``; that forward also
 builds the Monte Carlo predictive (20 draws) that ``train_loss_fn`` does not need.
 
-Usage: ``python benchmarks/bench_vbll_step.py [--quick] [--rounds 15] [--steps 200]``.
+Usage: ``python benchmarks/bench_vbll_step.py [--quick] [--rounds 15] [--steps 200]
+[--rows 'regression ours'] [--profile]``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="iterations per side per round")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--rows", default="", help="comma-separated substrings of row labels")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing, print torch.profiler's top ops for each selected row",
+    )
     args = parser.parse_args()
     threads = C.one_thread()
     rounds, steps, warmup = (3, 20, 5) if args.quick else (args.rounds, args.steps, args.warmup)
@@ -93,6 +99,9 @@ def main() -> None:
         if not C.selected(f"{task} {label}", patterns):
             continue
         plain = C.plain_classification if task == "classification" else C.plain_regression
+        if args.profile:
+            profile(f"{task} {label}", make_step(task, factory, 0))
+            continue
         step_plain, step_head = make_step(task, plain, 0), make_step(task, factory, 0)
         # slow heads (vbll dense) get fewer iterations per round: about 2 s a round at most
         probe = C.interleaved_timing(step_plain, step_head, rounds=1, steps=3, warmup=2)[1][0]
@@ -121,6 +130,8 @@ def main() -> None:
         print("  " + " | ".join(row), flush=True)
         table.append(row)
 
+    if args.profile:
+        return
     header = ["task", "head", "plain µs/iter", "head µs/iter", "ratio", "per-round", "target"]
     note = "QUICK smoke run; " * args.quick
     text = "\n".join(
@@ -142,6 +153,20 @@ def main() -> None:
     print(text)
     name = "vbll_step_quick.md" if args.quick else "vbll_step.md"
     print(f"\nwritten to {C.write_out(name, text + chr(10))}")
+
+
+def profile(label: str, step, iters: int = 100) -> None:
+    """Self CPU time per op over ``iters`` iterations (after a warm-up), top 15."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(20):
+        step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+    print(f"\n### {label} ({iters} iterations)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from bdl.lastlayer._base import (
     inverse_wishart_log_prior,
     require_num_data,
 )
+from bdl.lastlayer._fused import LossSpec, fused_loss
 from bdl.posterior import CategoricalPosterior
 
 PREDICTIVE_METHODS = ("meanfield", "mc")
@@ -186,6 +187,17 @@ class VBLLClassification(nn.Module):
 
     def loss(self, features: Tensor, y: Tensor) -> Tensor:
         """Negative ELBO per datum: ``-mean_i bound_i + (KL - log p(sigma)) / N``."""
+        num_data = require_num_data(self.num_data)
+        phi, _ = flatten_features(features, self.in_features)
+        y = check_labels(y, phi.shape[0], self.num_classes)
+        spec = LossSpec("classification", self.weights.cov, num_data, self.wishart_scale, self.dof)
+        return fused_loss(
+            spec, phi, y, self.weights.mean, self.bias, self.log_noise_std,
+            self.weights.log_prior_variance,
+        )  # fmt: skip
+
+    def reference_loss(self, features: Tensor, y: Tensor) -> Tensor:
+        """:meth:`loss` written op by op with autograd (slower; the definition it must equal)."""
         num_data = require_num_data(self.num_data)
         bound = self.log_likelihood_bound(features, y).mean()
         log_prior = inverse_wishart_log_prior(self.log_noise_std, self.wishart_scale, self.dof)

@@ -26,6 +26,7 @@ from bdl.lastlayer._base import (
     inverse_wishart_log_prior,
     require_num_data,
 )
+from bdl.lastlayer._fused import LossSpec, fused_loss
 from bdl.posterior import GaussianPosterior
 
 
@@ -176,6 +177,17 @@ class VBLLRegression(nn.Module):
         features : Tensor, shape (B, d)
         y : Tensor, shape (B, m) or (B,) when m == 1
         """
+        num_data = require_num_data(self.num_data)
+        phi, _ = flatten_features(features, self.in_features)
+        y = self._targets(y, phi.shape[0])
+        spec = LossSpec("regression", self.weights.cov, num_data, self.wishart_scale, self.dof)
+        return fused_loss(
+            spec, phi, y, self.weights.mean, self.bias, self.log_noise_std,
+            self.weights.log_prior_variance,
+        )  # fmt: skip
+
+    def reference_loss(self, features: Tensor, y: Tensor) -> Tensor:
+        """:meth:`loss` written op by op with autograd (slower; the definition it must equal)."""
         num_data = require_num_data(self.num_data)
         ell = self.expected_log_likelihood(features, y).mean()
         log_prior = inverse_wishart_log_prior(self.log_noise_std, self.wishart_scale, self.dof)
