@@ -18,15 +18,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_int, check_positive
+from bdl._validation import check_choice, check_int
 from bdl.lastlayer._base import (
-    GaussianWeights,
-    check_head_args,
     flatten_features,
-    inverse_wishart_log_prior,
-    require_num_data,
 )
-from bdl.lastlayer._fused import LossSpec, fused_loss
+from bdl.lastlayer._head import GaussianLastLayer
 from bdl.posterior import CategoricalPosterior
 
 PREDICTIVE_METHODS = ("meanfield", "mc")
@@ -69,7 +65,7 @@ def gaussian_softmax(
     return CategoricalPosterior(draws.mean(0), prob_samples=draws)
 
 
-class VBLLClassification(nn.Module):
+class VBLLClassification(GaussianLastLayer):
     """Discriminative Bayesian last layer for ``C``-class classification.
 
     Parameters
@@ -126,43 +122,33 @@ class VBLLClassification(nn.Module):
         bias: bool = True,
         learn_prior: bool = False,
     ) -> None:
-        super().__init__()
-        check_head_args(in_features, num_classes, prior_scale, num_data)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        check_choice("covariance", covariance, ("dense", "diagonal", "lowrank"))
         check_choice("predictive", predictive, PREDICTIVE_METHODS)
         check_int("num_samples", num_samples)
-        check_positive("noise_std", noise_std)
-        if wishart_scale is not None:
-            check_positive("wishart_scale", wishart_scale)
-        self.in_features, self.num_classes = in_features, num_classes
-        self.num_data = num_data
-        self.covariance = covariance
-        self.wishart_scale, self.dof = wishart_scale, dof
-        self.predictive, self.num_samples = predictive, num_samples
-        prior_variance = prior_scale / in_features
-        self.weights = GaussianWeights(
-            num_classes,
+        super().__init__(
             in_features,
+            num_classes,
+            num_data=num_data,
             covariance=covariance,
             rank=rank,
-            prior_variance=prior_variance,
+            prior_scale=prior_scale,
             # start well inside the prior: early logits are then close to a plain linear head
-            init_std=0.1 * math.sqrt(prior_variance),
-            mean_init_std=math.sqrt(prior_variance),
+            init_scale=0.1,
+            noise_std=noise_std,
+            learn_noise=learn_noise,
+            wishart_scale=wishart_scale,
+            dof=dof,
+            bias=bias,
             learn_prior=learn_prior,
         )
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
-        log_noise = torch.full((num_classes,), math.log(noise_std))
-        if learn_noise:
-            self.log_noise_std = nn.Parameter(log_noise)
-        else:
-            self.register_buffer("log_noise_std", log_noise)
+        self.num_classes = num_classes
+        self.predictive, self.num_samples = predictive, num_samples
 
-    def _mean(self, phi: Tensor) -> Tensor:
-        mean = phi @ self.weights.mean.T
-        return mean if self.bias is None else mean + self.bias
+    _task = "classification"
+
+    def _check_target(self, y: Tensor, n: int) -> Tensor:
+        return check_labels(y, n, self.num_classes)
 
     def logit_moments(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the Gaussian logits, each of shape (..., C)."""
@@ -170,11 +156,6 @@ class VBLLClassification(nn.Module):
         var = self.weights.cov.quad(phi) + torch.exp(2.0 * self.log_noise_std)
         shape = lead + (self.num_classes,)
         return self._mean(phi).reshape(shape), var.reshape(shape)
-
-    def forward(self, features: Tensor) -> Tensor:
-        """Mean logits, shape (..., C): a drop-in for ``nn.Linear``."""
-        phi, lead = flatten_features(features, self.in_features)
-        return self._mean(phi).reshape(lead + (self.num_classes,))
 
     def log_likelihood_bound(self, features: Tensor, y: Tensor) -> Tensor:
         """Jensen lower bound on ``E_q log p(y_i | x_i)`` per point; shape (B,)."""
@@ -185,26 +166,8 @@ class VBLLClassification(nn.Module):
         picked = mean.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(mean + 0.5 * var, -1)
 
-    def kl_divergence(self) -> Tensor:
-        return self.weights.kl_divergence()
-
-    def loss(self, features: Tensor, y: Tensor) -> Tensor:
-        """Negative ELBO per datum: ``-mean_i bound_i + (KL - log p(sigma)) / N``."""
-        num_data = require_num_data(self.num_data)
-        phi, _ = flatten_features(features, self.in_features)
-        y = check_labels(y, phi.shape[0], self.num_classes)
-        spec = LossSpec("classification", self.weights.cov, num_data, self.wishart_scale, self.dof)
-        return fused_loss(
-            spec, phi, y, self.weights.mean, self.bias, self.log_noise_std,
-            self.weights.log_prior_variance,
-        )  # fmt: skip
-
-    def reference_loss(self, features: Tensor, y: Tensor) -> Tensor:
-        """:meth:`loss` written op by op with autograd (slower; the definition it must equal)."""
-        num_data = require_num_data(self.num_data)
-        bound = self.log_likelihood_bound(features, y).mean()
-        log_prior = inverse_wishart_log_prior(self.log_noise_std, self.wishart_scale, self.dof)
-        return -bound + (self.kl_divergence() - log_prior) / num_data
+    def data_term(self, features: Tensor, y: Tensor) -> Tensor:
+        return self.log_likelihood_bound(features, y)
 
     @torch.no_grad()
     def fit_covariance(

@@ -15,18 +15,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from bdl._validation import check_choice, check_positive
 from bdl.lastlayer._base import (
     LOG_2PI,
-    GaussianWeights,
-    check_head_args,
     flatten_features,
-    inverse_wishart_log_prior,
-    require_num_data,
 )
-from bdl.lastlayer._fused import LossSpec, fused_loss
+from bdl.lastlayer._head import GaussianLastLayer
 from bdl.posterior import GaussianPosterior
 
 
@@ -52,7 +47,7 @@ def interleave_block_diagonal(blocks: Tensor) -> Tensor:
     return joint.reshape(n * m, n * m)
 
 
-class VBLLRegression(nn.Module):
+class VBLLRegression(GaussianLastLayer):
     """Bayesian linear regression head trained by a sampling-free variational bound.
 
     Parameters
@@ -99,33 +94,23 @@ class VBLLRegression(nn.Module):
         dof: float = 1.0,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        check_head_args(in_features, out_features, prior_scale, num_data)
-        check_choice("covariance", covariance, ("dense", "diagonal", "lowrank"))
-        check_positive("noise_std", noise_std)
-        if wishart_scale is not None:
-            check_positive("wishart_scale", wishart_scale)
-        self.in_features, self.out_features = in_features, out_features
-        self.num_data = num_data
-        self.covariance = covariance
-        self.wishart_scale, self.dof = wishart_scale, dof
-        prior_variance = prior_scale / in_features
-        self.weights = GaussianWeights(
-            out_features,
+        super().__init__(
             in_features,
+            out_features,
+            num_data=num_data,
             covariance=covariance,
             rank=rank,
-            prior_variance=prior_variance,
+            prior_scale=prior_scale,
             # start at the prior spread: the bound then pulls S down as data accumulates
-            init_std=math.sqrt(prior_variance),
-            mean_init_std=math.sqrt(prior_variance),
+            init_scale=1.0,
+            noise_std=noise_std,
+            learn_noise=learn_noise,
+            wishart_scale=wishart_scale,
+            dof=dof,
+            bias=bias,
+            learn_prior=False,
         )
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        log_noise = torch.full((out_features,), math.log(noise_std))
-        if learn_noise:
-            self.log_noise_std = nn.Parameter(log_noise)
-        else:
-            self.register_buffer("log_noise_std", log_noise)
+        self.out_features = out_features
 
     # -- pieces ----------------------------------------------------------------------------
     @property
@@ -133,11 +118,9 @@ class VBLLRegression(nn.Module):
         """Observation-noise variance per output, shape (m,)."""
         return torch.exp(2.0 * self.log_noise_std)
 
-    def _mean(self, phi: Tensor) -> Tensor:
-        mean = phi @ self.weights.mean.T
-        return mean if self.bias is None else mean + self.bias
+    _task = "regression"
 
-    def _targets(self, y: Tensor, n: int) -> Tensor:
+    def _check_target(self, y: Tensor, n: int) -> Tensor:
         if not isinstance(y, Tensor):
             raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
         if y.dim() == 1 and self.out_features == 1:
@@ -149,49 +132,17 @@ class VBLLRegression(nn.Module):
             )
         return y
 
-    def forward(self, features: Tensor) -> Tensor:
-        """Predictive mean, shape (..., m): a drop-in for ``nn.Linear``."""
-        phi, lead = flatten_features(features, self.in_features)
-        return self._mean(phi).reshape(lead + (self.out_features,))
-
     def expected_log_likelihood(self, features: Tensor, y: Tensor) -> Tensor:
         """``E_q log p(y_i | phi_i)`` per point, summed over outputs; shape (n,)."""
         phi, _ = flatten_features(features, self.in_features)
-        y = self._targets(y, phi.shape[0])
+        y = self._check_target(y, phi.shape[0])
         inv_noise = torch.exp(-2.0 * self.log_noise_std)
         sq = (y - self._mean(phi)).pow(2) + self.weights.cov.quad(phi)
         per_output = -0.5 * (sq * inv_noise + LOG_2PI) - self.log_noise_std
         return per_output.sum(-1)
 
-    def kl_divergence(self) -> Tensor:
-        """``KL(q(W) || p(W))``, a scalar."""
-        return self.weights.kl_divergence()
-
-    def loss(self, features: Tensor, y: Tensor) -> Tensor:
-        """Negative ELBO per datum on a minibatch (minimise this).
-
-        ``-mean_i E_q log p(y_i) + (KL - log p(Sigma)) / N``.
-
-        Parameters
-        ----------
-        features : Tensor, shape (B, d)
-        y : Tensor, shape (B, m) or (B,) when m == 1
-        """
-        num_data = require_num_data(self.num_data)
-        phi, _ = flatten_features(features, self.in_features)
-        y = self._targets(y, phi.shape[0])
-        spec = LossSpec("regression", self.weights.cov, num_data, self.wishart_scale, self.dof)
-        return fused_loss(
-            spec, phi, y, self.weights.mean, self.bias, self.log_noise_std,
-            self.weights.log_prior_variance,
-        )  # fmt: skip
-
-    def reference_loss(self, features: Tensor, y: Tensor) -> Tensor:
-        """:meth:`loss` written op by op with autograd (slower; the definition it must equal)."""
-        num_data = require_num_data(self.num_data)
-        ell = self.expected_log_likelihood(features, y).mean()
-        log_prior = inverse_wishart_log_prior(self.log_noise_std, self.wishart_scale, self.dof)
-        return -ell + (self.kl_divergence() - log_prior) / num_data
+    def data_term(self, features: Tensor, y: Tensor) -> Tensor:
+        return self.expected_log_likelihood(features, y)
 
     def elbo(self, features: Tensor, y: Tensor) -> Tensor:
         """Full-data evidence lower bound ``sum_i E_q log p(y_i) - KL`` (no noise prior)."""
@@ -269,7 +220,7 @@ class VBLLRegression(nn.Module):
         dict with ``log_evidence`` (m,), ``noise_variance`` (m,), ``prior_variance`` (m,).
         """
         phi, _ = flatten_features(features, self.in_features)
-        y = self._targets(y, phi.shape[0])
+        y = self._check_target(y, phi.shape[0])
         phi64, y64 = phi.double(), y.double()
         n, d = phi64.shape
         if self.bias is not None:
