@@ -125,14 +125,22 @@ def inverse_wishart_log_prior(log_std: Tensor, scale: float | None, dof: float) 
     return -2.0 * nu * log_std.sum() - 0.5 * scale * torch.exp(-2.0 * log_std).sum()
 
 
-def flatten_features(features: Tensor, in_features: int) -> tuple[Tensor, torch.Size]:
-    """Check ``features`` (..., d) and return it as (n, d) plus the leading shape."""
+def flatten_features(
+    features: Tensor, in_features: int, *, finite: bool = False
+) -> tuple[Tensor, torch.Size]:
+    """Check ``features`` (..., d) and return it as (n, d) plus the leading shape.
+
+    ``finite=True`` also rejects NaN/inf (a device sync: used on prediction and closed-form
+    paths, not in the per-step training loss, where a NaN shows up in the loss itself).
+    """
     if not isinstance(features, Tensor):
         raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() < 1 or features.shape[-1] != in_features:
         raise ValueError(
             f"features must have shape (..., {in_features}), got {tuple(features.shape)}"
         )
+    if finite and not bool(torch.isfinite(features).all()):
+        raise ValueError("features contain NaN or inf")
     lead = features.shape[:-1]
     return features.reshape(-1, in_features), lead
 

@@ -152,7 +152,7 @@ class VBLLClassification(GaussianLastLayer):
 
     def logit_moments(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the Gaussian logits, each of shape (..., C)."""
-        phi, lead = flatten_features(features, self.in_features)
+        phi, lead = flatten_features(features, self.in_features, finite=True)
         var = self.weights.cov.quad(phi) + torch.exp(2.0 * self.log_noise_std)
         shape = lead + (self.num_classes,)
         return self._mean(phi).reshape(shape), var.reshape(shape)
@@ -194,7 +194,7 @@ class VBLLClassification(GaussianLastLayer):
         int
             Number of iterations run.
         """
-        phi, _ = flatten_features(features, self.in_features)
+        phi, _ = flatten_features(features, self.in_features, finite=True)
         phi64 = phi.double()
         eye = torch.eye(self.in_features, dtype=torch.float64, device=phi.device)
         previous = None

@@ -163,6 +163,6 @@ class GenerativeVBLLClassification(nn.Module):
 
     def posterior(self, features: Tensor) -> CategoricalPosterior:
         """Closed-form predictive class probabilities, (..., n, d) -> (..., n, C)."""
-        phi, lead = flatten_features(features, self.in_features)
+        phi, lead = flatten_features(features, self.in_features, finite=True)
         probs = torch.softmax(self._class_log_scores(phi), -1)
         return CategoricalPosterior(probs.reshape(lead + (self.num_classes,)))

@@ -150,7 +150,7 @@ class HeteroscedasticVBLLRegression(nn.Module):
 
         With noise, the variance is ``phi^T S phi + E sigma^2(x)`` (moment matched).
         """
-        phi, lead = flatten_features(features, self.in_features)
+        phi, lead = flatten_features(features, self.in_features, finite=True)
         if len(lead) == 0:
             raise ValueError("features must have shape (..., n, d), got a single vector")
         shape = lead + (self.out_features,)

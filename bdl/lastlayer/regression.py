@@ -167,7 +167,7 @@ class VBLLRegression(GaussianLastLayer):
         -------
         GaussianPosterior, mean shape (..., n, m)
         """
-        phi, lead = flatten_features(features, self.in_features)
+        phi, lead = flatten_features(features, self.in_features, finite=True)
         if len(lead) == 0:
             raise ValueError("features must have shape (..., n, d), got a single vector")
         mean = self._mean(phi).reshape(lead + (self.out_features,))
@@ -219,8 +219,10 @@ class VBLLRegression(GaussianLastLayer):
         -------
         dict with ``log_evidence`` (m,), ``noise_variance`` (m,), ``prior_variance`` (m,).
         """
-        phi, _ = flatten_features(features, self.in_features)
+        phi, _ = flatten_features(features, self.in_features, finite=True)
         y = self._check_target(y, phi.shape[0])
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("y contains NaN or inf")
         phi64, y64 = phi.double(), y.double()
         n, d = phi64.shape
         if self.bias is not None:

@@ -239,3 +239,28 @@ def test_regression_fit_closed_form_float32():
     assert out["log_evidence"].dtype == torch.float64
     assert math.isfinite(head.loss(x, y).item())
     assert (head(x)[:, 0] - y).pow(2).mean().sqrt() < 0.15
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: VBLLRegression(3, 1, num_data=10),
+        lambda: VBLLClassification(3, 2, num_data=10),
+        lambda: GenerativeVBLLClassification(3, 2, num_data=10),
+        lambda: HeteroscedasticVBLLRegression(3, 1, num_data=10),
+    ],
+)
+def test_posterior_rejects_non_finite_features(make):
+    phi = torch.ones(4, 3)
+    phi[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="features"):
+        make().posterior(phi)
+
+
+def test_closed_form_rejects_non_finite_inputs():
+    head = VBLLRegression(3, 1, num_data=10)
+    phi, y = torch.randn(6, 3), torch.randn(6)
+    with pytest.raises(ValueError, match="features"):
+        head.fit_closed_form(phi.masked_fill(phi > 1, float("inf")), y)
+    with pytest.raises(ValueError, match="y"):
+        head.fit_closed_form(phi, y.masked_fill(y > 0, float("nan")))
