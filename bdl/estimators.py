@@ -9,11 +9,13 @@ and undo the standardisation on output.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
@@ -67,7 +69,9 @@ def heldout_noise_variance(mean: Tensor, latent_variance: Tensor, y: Tensor) -> 
         return -(var.log() + sq.unsqueeze(0) / var).mean(1)
 
     scale = sq.mean(0).clamp_min(1e-12).log()
-    grid = scale + torch.linspace(-12.0, 3.0, 121, dtype=torch.float64).unsqueeze(-1)
+    grid = scale + torch.linspace(
+        -12.0, 3.0, 121, dtype=torch.float64, device=mean.device
+    ).unsqueeze(-1)
     best = grid.gather(0, objective(grid).argmax(0, keepdim=True))[0]
     lo, hi = best - 0.125, best + 0.125
     ratio = (5**0.5 - 1) / 2
@@ -117,12 +121,9 @@ class _VBLLEstimator(BaseEstimator):
         return torch.as_tensor(values, dtype=torch.float32, device=self._device())
 
     def _seed(self) -> int:
-        rs = self.random_state
-        if rs is None:
-            return int(np.random.randint(0, 2**31 - 1))
-        if isinstance(rs, np.random.RandomState):
-            return int(rs.randint(0, 2**31 - 1))
-        return int(rs)
+        if isinstance(self.random_state, numbers.Integral):
+            return int(self.random_state)
+        return int(check_random_state(self.random_state).randint(0, 2**31 - 1))
 
     def _split(self, n: int, y_idx: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Train / validation indices for early stopping (stratified when labels are given)."""
@@ -164,7 +165,7 @@ class _VBLLEstimator(BaseEstimator):
             {"params": list(net.body.parameters()), "weight_decay": self.weight_decay},
             {"params": list(head.parameters()), "weight_decay": 0.0},
         ]
-        opt = torch.optim.Adam(groups, lr=self.lr)
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=self.lr)
         n = x.shape[0]
         batch = min(self.batch_size, n)
         use_val = x_val is not None and x_val.shape[0] > 0
@@ -318,6 +319,7 @@ class VBLLRegressor(RegressorMixin, _VBLLEstimator):
             self.model_ = _VBLLNet(body, head).to(self._device())
         generator = torch.Generator().manual_seed(seed)
         tr, va = np.arange(n), np.arange(0)
+        self.validation_scores_, self.n_epochs_ = [], 0  # closed form only, no training
         if self.hidden_sizes_:
             tr, va = self._split(n, None, seed)
             self._train(self.model_, x_t[tr], y_t[tr], generator, x_t[va], y_t[va])
@@ -506,6 +508,24 @@ class VBLLClassifier(ClassifierMixin, _VBLLEstimator):
         if self.hidden_sizes_:
             tr, va = self._split(n, y_idx, seed)
             self._train(self.model_, x_t[tr], y_t[tr], generator, x_t[va], y_t[va])
+        else:
+            # Bayesian multinomial regression on the standardised inputs: a smooth, small
+            # problem, solved to convergence by full-batch L-BFGS from zero means
+            self.validation_scores_, self.n_epochs_ = [], 0
+            means = head.class_means.mean if self.head == "generative" else head.weights.mean
+            with torch.no_grad():
+                means.zero_()
+            opt = torch.optim.LBFGS(
+                head.parameters(), max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+            )
+
+            def closure() -> Tensor:
+                opt.zero_grad()
+                loss = head.loss(x_t, y_t)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
         with torch.no_grad():
             phi = self.model_.body(x_t)
         if isinstance(head, VBLLClassification):

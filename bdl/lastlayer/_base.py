@@ -103,11 +103,16 @@ class GaussianWeights(nn.Module):
 
 
 def check_head_args(
-    in_features: int, out_features: int, prior_scale: float, num_data: int | None
+    in_features: int,
+    out_features: int,
+    prior_scale: float,
+    num_data: int | None,
+    *,
+    outputs_name: str = "out_features",
 ) -> None:
     """Validate the constructor arguments every head shares."""
     check_int("in_features", in_features)
-    check_int("out_features", out_features)
+    check_int(outputs_name, out_features, minimum=2 if outputs_name == "num_classes" else 1)
     check_positive("prior_scale", prior_scale)
     if num_data is not None:
         check_int("num_data", num_data)
@@ -126,7 +131,7 @@ def inverse_wishart_log_prior(log_std: Tensor, scale: float | None, dof: float) 
 
 
 def flatten_features(
-    features: Tensor, in_features: int, *, finite: bool = False
+    features: Tensor, in_features: int, *, finite: bool = False, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, torch.Size]:
     """Check ``features`` (..., d) and return it as (n, d) plus the leading shape.
 
@@ -138,6 +143,11 @@ def flatten_features(
     if features.dim() < 1 or features.shape[-1] != in_features:
         raise ValueError(
             f"features must have shape (..., {in_features}), got {tuple(features.shape)}"
+        )
+    if dtype is not None and features.dtype != dtype:
+        raise ValueError(
+            f"features have dtype {features.dtype} but the head's parameters are {dtype}: "
+            "convert one of them (e.g. head.to(features.dtype))"
         )
     if finite and not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or inf")

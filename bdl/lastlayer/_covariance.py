@@ -135,8 +135,7 @@ class LowRankCovariance(Covariance):
         super().__init__(k, d, init_std)
         self.rank = rank
         # small deterministic-scale factor; a zero factor would have zero gradient
-        generator = torch.Generator().manual_seed(0)
-        self.factor = nn.Parameter(1e-3 * init_std * torch.randn(k, d, rank, generator=generator))
+        self.factor = nn.Parameter(1e-3 * init_std * torch.randn(k, d, rank))
 
     def quad(self, phi: Tensor) -> Tensor:
         diag = torch.exp(2.0 * self.log_diag)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from bdl.lastlayer._covariance import (
     Covariance,
@@ -175,6 +176,7 @@ class FusedVBLLLoss(torch.autograd.Function):
         return data + reg / n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         spec = ctx.spec
         phi, target, mean_w, log_noise, *cov_params = ctx.saved_tensors
@@ -213,7 +215,8 @@ class FusedVBLLLoss(torch.autograd.Function):
         g_log_sp = None
         if ctx.needs_input_grad[6]:
             g_log_sp = 0.5 * g_n * (k * d - sq_norm * inv_sp)
-        return (None, g_phi, None, g_mean, g_bias, g_log_noise, g_log_sp, *g_cov)
+        g_target = -g_mu if spec.task == "regression" and ctx.needs_input_grad[2] else None
+        return (None, g_phi, g_target, g_mean, g_bias, g_log_noise, g_log_sp, *g_cov)
 
 
 def fused_loss(

@@ -37,6 +37,7 @@ class GaussianLastLayer(nn.Module):
     """
 
     _task: str
+    _outputs_name: str  # constructor name of ``k``, for error messages
 
     def __init__(
         self,
@@ -56,7 +57,7 @@ class GaussianLastLayer(nn.Module):
         learn_prior: bool,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, k, prior_scale, num_data)
+        check_head_args(in_features, k, prior_scale, num_data, outputs_name=self._outputs_name)
         check_choice("covariance", covariance, COVARIANCE_KINDS)
         check_positive("noise_std", noise_std)
         if wishart_scale is not None:
@@ -117,13 +118,19 @@ class GaussianLastLayer(nn.Module):
             Targets, (B, m) or (B,) for regression; integer labels (B,) for classification.
         """
         num_data = require_num_data(self.num_data)
+        dtype = self.weights.mean.dtype
         phi, _ = flatten_features(features, self.in_features)
+        if torch.is_autocast_enabled(phi.device.type):
+            phi = phi.to(dtype)  # the bound is computed in the head's precision
+        elif phi.dtype != dtype:
+            flatten_features(phi, self.in_features, dtype=dtype)  # raises, naming features
         y = self._check_target(y, phi.shape[0])
         spec = LossSpec(self._task, self.weights.cov, num_data, self.wishart_scale, self.dof)
-        return fused_loss(
-            spec, phi, y, self.weights.mean, self.bias, self.log_noise_std,
-            self.weights.log_prior_variance,
-        )  # fmt: skip
+        with torch.autocast(phi.device.type, enabled=False):
+            return fused_loss(
+                spec, phi, y, self.weights.mean, self.bias, self.log_noise_std,
+                self.weights.log_prior_variance,
+            )  # fmt: skip
 
     def reference_loss(self, features: Tensor, y: Tensor) -> Tensor:
         """:meth:`loss` written op by op with autograd (slower; the definition it must equal)."""

@@ -37,7 +37,9 @@ def check_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
             f"y must hold integer class labels of shape ({n},), got dtype {y.dtype} and "
             f"shape {tuple(y.shape)}"
         )
-    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    # the range check reads values back (a sync): done on CPU only; on an accelerator an
+    # out-of-range label fails inside gather instead
+    if n and y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"y holds labels outside [0, {num_classes})")
     return y
 
@@ -122,8 +124,7 @@ class VBLLClassification(GaussianLastLayer):
         bias: bool = True,
         learn_prior: bool = False,
     ) -> None:
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_int("num_classes", num_classes, minimum=2)
         check_choice("predictive", predictive, PREDICTIVE_METHODS)
         check_int("num_samples", num_samples)
         super().__init__(
@@ -146,13 +147,16 @@ class VBLLClassification(GaussianLastLayer):
         self.predictive, self.num_samples = predictive, num_samples
 
     _task = "classification"
+    _outputs_name = "num_classes"
 
     def _check_target(self, y: Tensor, n: int) -> Tensor:
         return check_labels(y, n, self.num_classes)
 
     def logit_moments(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the Gaussian logits, each of shape (..., C)."""
-        phi, lead = flatten_features(features, self.in_features, finite=True)
+        phi, lead = flatten_features(
+            features, self.in_features, finite=True, dtype=self.weights.mean.dtype
+        )
         var = self.weights.cov.quad(phi) + torch.exp(2.0 * self.log_noise_std)
         shape = lead + (self.num_classes,)
         return self._mean(phi).reshape(shape), var.reshape(shape)
@@ -194,7 +198,9 @@ class VBLLClassification(GaussianLastLayer):
         int
             Number of iterations run.
         """
-        phi, _ = flatten_features(features, self.in_features, finite=True)
+        phi, _ = flatten_features(
+            features, self.in_features, finite=True, dtype=self.weights.mean.dtype
+        )
         phi64 = phi.double()
         eye = torch.eye(self.in_features, dtype=torch.float64, device=phi.device)
         previous = None

@@ -43,6 +43,9 @@ def diagonal_gaussian_log_density(phi: Tensor, means: Tensor, variances: Tensor)
     -------
     Tensor, shape (B, k)
     """
+    # a shared reference point keeps the expanded square from cancelling in float32
+    ref = means.mean(0)
+    phi, means = phi - ref, means - ref
     inv = 1.0 / variances
     # sum_j (phi_j - mu_j)^2 / v_j expanded so that no (B, k, d) tensor is formed
     quad = (phi * phi) @ inv.T - 2.0 * phi @ (means * inv).T + (means * means * inv).sum(-1)
@@ -85,9 +88,7 @@ class GenerativeVBLLClassification(nn.Module):
         dof: float = 1.0,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, num_classes, prior_scale, num_data)
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_head_args(in_features, num_classes, prior_scale, num_data, outputs_name="num_classes")
         check_positive("noise_std", noise_std)
         if wishart_scale is not None:
             check_positive("wishart_scale", wishart_scale)
@@ -163,6 +164,8 @@ class GenerativeVBLLClassification(nn.Module):
 
     def posterior(self, features: Tensor) -> CategoricalPosterior:
         """Closed-form predictive class probabilities, (..., n, d) -> (..., n, C)."""
-        phi, lead = flatten_features(features, self.in_features, finite=True)
+        phi, lead = flatten_features(
+            features, self.in_features, finite=True, dtype=self.class_means.mean.dtype
+        )
         probs = torch.softmax(self._class_log_scores(phi), -1)
         return CategoricalPosterior(probs.reshape(lead + (self.num_classes,)))

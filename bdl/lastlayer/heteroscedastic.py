@@ -150,7 +150,9 @@ class HeteroscedasticVBLLRegression(nn.Module):
 
         With noise, the variance is ``phi^T S phi + E sigma^2(x)`` (moment matched).
         """
-        phi, lead = flatten_features(features, self.in_features, finite=True)
+        phi, lead = flatten_features(
+            features, self.in_features, finite=True, dtype=self.weights.mean.dtype
+        )
         if len(lead) == 0:
             raise ValueError("features must have shape (..., n, d), got a single vector")
         shape = lead + (self.out_features,)

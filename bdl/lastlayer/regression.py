@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bdl.lastlayer._base import (
     LOG_2PI,
@@ -119,10 +119,14 @@ class VBLLRegression(GaussianLastLayer):
         return torch.exp(2.0 * self.log_noise_std)
 
     _task = "regression"
+    _outputs_name = "out_features"
 
     def _check_target(self, y: Tensor, n: int) -> Tensor:
         if not isinstance(y, Tensor):
             raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if not y.is_floating_point():
+            raise ValueError(f"y must be a floating-point tensor, got dtype {y.dtype}")
+        y = y.to(self.weights.mean.dtype)
         if y.dim() == 1 and self.out_features == 1:
             y = y.unsqueeze(-1)
         if y.dim() != 2 or y.shape != (n, self.out_features):
@@ -167,7 +171,9 @@ class VBLLRegression(GaussianLastLayer):
         -------
         GaussianPosterior, mean shape (..., n, m)
         """
-        phi, lead = flatten_features(features, self.in_features, finite=True)
+        phi, lead = flatten_features(
+            features, self.in_features, finite=True, dtype=self.weights.mean.dtype
+        )
         if len(lead) == 0:
             raise ValueError("features must have shape (..., n, d), got a single vector")
         mean = self._mean(phi).reshape(lead + (self.out_features,))
@@ -191,7 +197,7 @@ class VBLLRegression(GaussianLastLayer):
         features: Tensor,
         y: Tensor,
         *,
-        learn_noise: bool = True,
+        learn_noise: bool | None = None,
         learn_prior: bool = False,
         max_iter: int = 200,
         tol: float = 1e-10,
@@ -214,12 +220,21 @@ class VBLLRegression(GaussianLastLayer):
         ----------
         features : Tensor, shape (n, d)
         y : Tensor, shape (n, m) or (n,)
+        learn_noise : bool, optional
+            Set the noise by type-II maximum likelihood. Default: whether the head learns its
+            noise (``learn_noise`` of the constructor); otherwise the current noise is kept.
+        learn_prior : bool
+            Set the prior variance by type-II maximum likelihood.
 
         Returns
         -------
         dict with ``log_evidence`` (m,), ``noise_variance`` (m,), ``prior_variance`` (m,).
         """
-        phi, _ = flatten_features(features, self.in_features, finite=True)
+        if learn_noise is None:
+            learn_noise = isinstance(self.log_noise_std, nn.Parameter)
+        phi, _ = flatten_features(
+            features, self.in_features, finite=True, dtype=self.weights.mean.dtype
+        )
         y = self._check_target(y, phi.shape[0])
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains NaN or inf")

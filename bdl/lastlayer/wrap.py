@@ -290,16 +290,18 @@ class VBLLWrapper(nn.Module):
         return self
 
     def _set_feature_mean(self, mean: Tensor) -> None:
-        """Move the centring point, shifting the head's offset so its mean output is unchanged."""
+        """Move the centring point, shifting the head's offset so its mean output is unchanged.
+
+        A head without an offset cannot absorb the shift, so its features stay uncentred.
+        """
+        if self.head.bias is None:
+            return
         with torch.no_grad():
-            if self.head.bias is not None:
-                self.head.bias.add_((mean - self.feature_mean) @ self.head.weights.mean.T)
+            self.head.bias.add_((mean - self.feature_mean) @ self.head.weights.mean.T)
             self.feature_mean.copy_(mean)
 
     def _fit_closed_form(self, phi: Tensor, y: Tensor) -> None:
-        self.fit_info_ = self.head.fit_closed_form(
-            phi - self.feature_mean, y, learn_noise=True, learn_prior=True
-        )
+        self.fit_info_ = self.head.fit_closed_form(phi - self.feature_mean, y, learn_prior=True)
 
     def _train_head(
         self,

@@ -199,3 +199,22 @@ def test_early_stopping_records_scores(diabetes):
     model.fit(X_train, y_train)
     assert 1 <= len(model.validation_scores_) <= 30
     assert model.n_epochs_ == len(model.validation_scores_)
+
+
+@pytest.mark.parametrize("head", ["discriminative", "generative"])
+def test_linear_classifier_without_hidden_layers_is_fitted(head):
+    # hidden_sizes=() is Bayesian multinomial regression on the inputs: a linearly separable
+    # problem must be (almost) perfectly classified
+    rng = np.random.RandomState(0)
+    X = rng.randn(300, 3)
+    y = (X[:, 0] > 0).astype(int)
+    model = VBLLClassifier(hidden_sizes=(), head=head, random_state=0).fit(X, y)
+    assert model.score(X, y) > 0.95
+
+
+def test_random_state_accepts_generators_and_integers(digits):
+    X_train, _, y_train, _ = digits
+    for rs in (0, np.random.RandomState(0), None):
+        VBLLClassifier(**{**TINY, "random_state": rs, "epochs": 1}).fit(
+            X_train[:100], y_train[:100]
+        )

@@ -77,3 +77,34 @@ def test_frozen_noise_buffer_gets_no_gradient():
     phi = torch.randn(5, 3, dtype=DT, requires_grad=True)
     head.loss(phi, torch.randn(5, dtype=DT)).backward()
     assert not head.log_noise_std.requires_grad and phi.grad is not None
+
+
+def test_double_backward_raises_instead_of_returning_wrong_values():
+    head = VBLLRegression(3, 1, num_data=10).to(DT)
+    phi = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    (g,) = torch.autograd.grad(head.loss(phi, torch.randn(4, dtype=DT)), phi, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), phi)
+
+
+def test_regression_target_gradient_matches_reference():
+    head = _perturbed(VBLLRegression(3, 2, num_data=10).to(DT), seed=7)
+    phi = torch.randn(4, 3, dtype=DT)
+    y = torch.randn(4, 2, dtype=DT, requires_grad=True)
+    (fast,) = torch.autograd.grad(head.loss(phi, y), y)
+    (ref,) = torch.autograd.grad(head.reference_loss(phi, y), y)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_dtypes_targets_cast_features_checked_and_autocast():
+    head = VBLLClassification(3, 2, num_data=10)  # float32
+    y = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="features"):
+        head.loss(torch.randn(4, 3, dtype=DT), y)
+    reg = VBLLRegression(3, 1, num_data=10)
+    reg.loss(torch.randn(4, 3), torch.randn(4, dtype=DT)).backward()  # float64 y is cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        phi = torch.nn.Linear(5, 3)(torch.randn(4, 5))  # bfloat16 features under autocast
+        loss = head.loss(phi, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()

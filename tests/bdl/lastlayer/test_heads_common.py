@@ -264,3 +264,10 @@ def test_closed_form_rejects_non_finite_inputs():
         head.fit_closed_form(phi.masked_fill(phi > 1, float("inf")), y)
     with pytest.raises(ValueError, match="y"):
         head.fit_closed_form(phi, y.masked_fill(y > 0, float("nan")))
+
+
+def test_fit_closed_form_keeps_a_fixed_noise():
+    head = VBLLRegression(3, 1, num_data=20, noise_std=0.5, learn_noise=False)
+    phi = torch.randn(20, 3)
+    head.fit_closed_form(phi, phi[:, 0] + 0.01 * torch.randn(20))
+    torch.testing.assert_close(head.noise_variance, torch.tensor([0.25]))

@@ -424,3 +424,20 @@ def test_cuda(reg_problem):
 def test_heads_are_the_expected_types(reg_fitted):
     assert isinstance(reg_fitted.head, VBLLRegression)
     assert reg_fitted.head.num_data == 200
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_last_layer_without_bias_keeps_predictions(task):
+    # without an offset the head cannot absorb a centring shift: features stay uncentred and
+    # the wrapped mean starts exactly at the original network's output
+    torch.manual_seed(0)
+    out = 1 if task == "regression" else 3
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, out, bias=False))
+    x = torch.randn(64, 2)
+    y = x[:, 0] if task == "regression" else (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    model = wrap(net, task=task)
+    model.fit((x, y), epochs=1) if task == "classification" else model.fit((x, y))
+    assert torch.all(model.feature_mean == 0)
+    if task == "classification":
+        # one short epoch of head training moves the logits only a little
+        assert (model(x).argmax(-1) == net(x).argmax(-1)).float().mean() > 0.9
