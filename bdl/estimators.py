@@ -19,8 +19,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from bdl._training import shuffled_batches, train_epochs
 from bdl._validation import check_choice, check_int, check_positive
 from bdl.lastlayer import (
     GenerativeVBLLClassification,
@@ -169,35 +169,34 @@ class _VBLLEstimator(BaseEstimator):
         n = x.shape[0]
         batch = min(self.batch_size, n)
         use_val = x_val is not None and x_val.shape[0] > 0
-        best, best_state, since_best = float("inf"), None, 0
+        best = {"score": float("inf"), "state": None, "since": 0}
         self.validation_scores_ = []
-        bar = tqdm(range(self.epochs), disable=not self.verbose, desc="fit", leave=False)
-        for _ in bar:
-            net.train()
-            order = torch.randperm(n, generator=generator).to(x.device)
-            for start in range(0, n, batch):
-                idx = order[start : start + batch]
-                opt.zero_grad(set_to_none=True)
-                loss = head.loss(net.body(x[idx]), y[idx])
-                loss.backward()
-                nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
+
+        def batches():
+            return ((x[i], y[i]) for i in shuffled_batches(n, batch, generator, x.device))
+
+        def end_of_epoch(epoch: int) -> bool:
             if not use_val:
-                continue
+                return False
             net.eval()
             score = self._validation_nll(net, x, y, x_val, y_val)
+            net.train()
             self.validation_scores_.append(score)
-            bar.set_postfix(val_nll=f"{score:.4f}")
-            if score < best:
-                best, since_best = score, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            if score < best["score"]:
+                state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best.update(score=score, state=state, since=0)
             else:
-                since_best += 1
-                if since_best >= self.n_iter_no_change:
-                    break
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        self.n_epochs_ = len(self.validation_scores_) if use_val else self.epochs
+                best["since"] += 1
+            return best["since"] >= self.n_iter_no_change
+
+        net.train()
+        self.loss_curve_ = train_epochs(
+            opt, batches, lambda xb, yb: head.loss(net.body(xb), yb), self.epochs,
+            verbose=self.verbose, end_of_epoch=end_of_epoch,
+        )  # fmt: skip
+        if best["state"] is not None:
+            net.load_state_dict(best["state"])
+        self.n_epochs_ = len(self.loss_curve_)
         net.eval()
 
     @torch.no_grad()
@@ -349,16 +348,16 @@ class VBLLRegressor(RegressorMixin, _VBLLEstimator):
         if self.head_epochs == 0:
             return
         opt = torch.optim.Adam(head.parameters(), lr=self.head_lr)
-        n = phi.shape[0]
-        batch = min(self.batch_size, n)
+        n, batch = phi.shape[0], min(self.batch_size, phi.shape[0])
         head.train()
-        for _ in range(self.head_epochs):
-            order = torch.randperm(n, generator=generator).to(phi.device)
-            for start in range(0, n, batch):
-                idx = order[start : start + batch]
-                opt.zero_grad(set_to_none=True)
-                head.loss(phi[idx], y[idx]).backward()
-                opt.step()
+        train_epochs(
+            opt,
+            lambda: ((phi[i], y[i]) for i in shuffled_batches(n, batch, generator, phi.device)),
+            head.loss,
+            self.head_epochs,
+            desc="head",
+            verbose=self.verbose,
+        )
         head.eval()
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bdl._training import shuffled_batches, train_epochs
 from bdl._validation import check_choice, check_int, check_positive, check_tensor
 from bdl.lastlayer.classification import VBLLClassification
 from bdl.lastlayer.regression import VBLLRegression
@@ -319,17 +320,17 @@ class VBLLWrapper(nn.Module):
         optimizer = torch.optim.Adam(params, lr=lr)
         n = phi.shape[0]
         with _mode(self.head, True):
-            for _ in tqdm(range(epochs), desc="VBLL head", disable=not verbose):
-                order = torch.randperm(n, generator=generator).to(phi.device)
-                total = 0.0
-                for idx in order.split(batch_size):
-                    loss = self.head.loss(phi[idx], y[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    optimizer.step()
-                    total += float(loss.detach()) * idx.numel()
-                self.history_.append(total / n)
+            self.history_ += train_epochs(
+                optimizer,
+                lambda: (
+                    (phi[i], y[i]) for i in shuffled_batches(n, batch_size, generator, phi.device)
+                ),
+                self.head.loss,
+                epochs,
+                max_grad_norm=max_grad_norm,
+                desc="VBLL head",
+                verbose=verbose,
+            )
 
     def _finetune(
         self,
@@ -347,17 +348,15 @@ class VBLLWrapper(nn.Module):
         groups.append({"params": head, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=lr)
         with _mode(self, True):
-            for _ in tqdm(range(epochs), desc="VBLL finetune", disable=not verbose):
-                total, count = 0.0, 0
-                for x, y in batches(True):
-                    loss = self.head.loss(self.features(x), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(body + head, max_grad_norm)
-                    optimizer.step()
-                    total += float(loss.detach()) * x.shape[0]
-                    count += x.shape[0]
-                self.history_.append(total / count)
+            self.history_ += train_epochs(
+                optimizer,
+                lambda: batches(True),
+                lambda x, y: self.head.loss(self.features(x), y),
+                epochs,
+                max_grad_norm=max_grad_norm,
+                desc="VBLL finetune",
+                verbose=verbose,
+            )
 
     # -- feature caching and the last-layer check -------------------------------------------
     @torch.no_grad()
