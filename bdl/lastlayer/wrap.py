@@ -196,8 +196,9 @@ class VBLLWrapper(nn.Module):
 
         Returns
         -------
-        GaussianPosterior with mean/variance of shape (n, m) (regression), or
-        CategoricalPosterior with probs of shape (n, C) (classification).
+        GaussianPosterior or CategoricalPosterior
+            Mean and variance of shape (n, m) for regression; class probabilities of shape
+            (n, C) for classification.
         """
         x = self._prepare_x(x, "x")
         keep_grad = torch.is_grad_enabled() and x.requires_grad
