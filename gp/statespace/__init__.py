@@ -1,0 +1,28 @@
+"""State-space (Markovian) Gaussian processes on a 1-D input.
+
+A stationary kernel with a rational spectrum is an LTI SDE (:mod:`.kernels`, :mod:`.sde`);
+discretised exactly on the data's time grid (:mod:`.discretise`, :mod:`.grid`), GP regression
+becomes Kalman filtering and RTS smoothing (:mod:`.kalman`) at O(n) cost. The user-facing
+model is :class:`StateSpaceGP`.
+"""
+
+from .discretise import discretise
+from .grid import TimeGrid, make_grid
+from .kalman import FilterResult, kalman_filter, rts_smoother
+from .kernels import kernel_to_sde, matern_sde
+from .model import StateSpaceGP
+from .sde import LTISDE, stack_sdes
+
+__all__ = [
+    "LTISDE",
+    "FilterResult",
+    "StateSpaceGP",
+    "TimeGrid",
+    "discretise",
+    "kalman_filter",
+    "kernel_to_sde",
+    "make_grid",
+    "matern_sde",
+    "rts_smoother",
+    "stack_sdes",
+]

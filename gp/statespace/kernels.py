@@ -1,0 +1,158 @@
+"""Conversion of gpytorch kernels on a 1-D input to linear time-invariant SDEs.
+
+Supported (exact, no approximation):
+
+- ``MaternKernel`` with ``nu`` in {0.5, 1.5, 2.5} (``lam = sqrt(2 nu) / lengthscale``);
+- ``ScaleKernel`` around any supported kernel (multiplies ``Qc`` and ``Pinf`` by the
+  ``outputscale``);
+- ``AdditiveKernel`` (what ``k1 + k2`` builds) of supported kernels (block-diagonal stacking).
+
+Everything is built from the kernels' ``lengthscale`` / ``outputscale`` tensors, so the SDE
+matrices are differentiable with respect to the kernel hyperparameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from gpytorch.kernels import AdditiveKernel, Kernel, MaternKernel, ScaleKernel
+from torch import Tensor
+
+from .sde import LTISDE, stack_sdes
+
+__all__ = ["kernel_to_sde", "matern_sde"]
+
+_SUPPORTED = "MaternKernel(nu=0.5, 1.5 or 2.5), ScaleKernel and sums (AdditiveKernel / k1 + k2)"
+
+# Kernels with no finite-dimensional SDE, and what to use instead.
+_NO_FINITE_SDE = {
+    "RBFKernel": (
+        "the squared-exponential (RBF) kernel has no finite-dimensional SDE representation; "
+        "use MaternKernel(nu=2.5), the closest finite-order alternative (or nu=1.5 for rougher "
+        "functions)"
+    ),
+    "RQKernel": (
+        "the rational-quadratic kernel has no finite-dimensional SDE representation; use a sum "
+        "of MaternKernel(nu=2.5) kernels with different lengthscales instead"
+    ),
+}
+
+
+def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor | None = None) -> LTISDE:
+    """Closed-form SDE of the Matérn kernel with ``nu = p + 1/2``, ``p`` in {0, 1, 2}.
+
+    With ``lam = sqrt(2 nu) / ell`` (Rasmussen & Williams' convention, as gpytorch) and
+    ``s^2 = variance``:
+
+    - ``nu = 1/2``: ``F = -lam``, ``L = 1``, ``Qc = 2 s^2 lam``, ``H = 1``, ``Pinf = s^2``;
+    - ``nu = 3/2``: ``F = [[0, 1], [-lam^2, -2 lam]]``, ``L = e_2``, ``Qc = 4 lam^3 s^2``,
+      ``H = e_1^T``, ``Pinf = diag(s^2, lam^2 s^2)``;
+    - ``nu = 5/2``: ``F = [[0, 1, 0], [0, 0, 1], [-lam^3, -3 lam^2, -3 lam]]``, ``L = e_3``,
+      ``Qc = (16/3) s^2 lam^5``, ``H = e_1^T``,
+      ``Pinf = [[s^2, 0, -kap], [0, kap, 0], [-kap, 0, lam^4 s^2]]`` with ``kap = lam^2 s^2/3``.
+
+    Parameters
+    ----------
+    nu : float
+        Smoothness, one of 0.5, 1.5, 2.5.
+    lengthscale : Tensor, shape ()
+        Positive lengthscale ``ell``.
+    variance : Tensor, shape (), optional
+        Marginal variance ``s^2``; 1 when omitted.
+
+    Returns
+    -------
+    LTISDE
+        State dimension ``p + 1``, dtype and device of ``lengthscale``.
+    """
+    if nu not in (0.5, 1.5, 2.5):
+        raise ValueError(f"nu must be 0.5, 1.5 or 2.5 for a Matérn SDE, got {nu}")
+    ell = lengthscale.reshape(())
+    s2 = torch.ones_like(ell) if variance is None else variance.reshape(()).to(ell)
+    lam = math.sqrt(2.0 * nu) / ell
+    zero, one = torch.zeros_like(ell), torch.ones_like(ell)
+
+    def mat(*rows: list[Tensor]) -> Tensor:
+        return torch.stack([torch.stack(list(r)) for r in rows])
+
+    if nu == 0.5:
+        F = mat([-lam])
+        Qc = mat([2.0 * s2 * lam])
+        Pinf = mat([s2])
+    elif nu == 1.5:
+        F = mat([zero, one], [-(lam**2), -2.0 * lam])
+        Qc = mat([4.0 * lam**3 * s2])
+        Pinf = mat([s2, zero], [zero, lam**2 * s2])
+    else:
+        kap = lam**2 * s2 / 3.0
+        F = mat([zero, one, zero], [zero, zero, one], [-(lam**3), -3.0 * lam**2, -3.0 * lam])
+        Qc = mat([16.0 / 3.0 * s2 * lam**5])
+        Pinf = mat([s2, zero, -kap], [zero, kap, zero], [-kap, zero, lam**4 * s2])
+    d = F.shape[-1]
+    L = torch.zeros(d, 1, dtype=ell.dtype, device=ell.device)
+    L[-1, 0] = 1.0
+    H = torch.zeros(1, d, dtype=ell.dtype, device=ell.device)
+    H[0, 0] = 1.0
+    return LTISDE(F=F, L=L, Qc=Qc, H=H, Pinf=Pinf)
+
+
+def kernel_to_sde(
+    kernel: Kernel, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> LTISDE:
+    """State-space (SDE) form of a gpytorch kernel on a 1-D input.
+
+    Parameters
+    ----------
+    kernel : gpytorch.kernels.Kernel
+        A supported kernel (see the module docstring) with an empty ``batch_shape`` and a
+        single input dimension.
+    dtype, device : optional
+        Where to build the matrices; default: those of the kernel's hyperparameters. The
+        hyperparameters are cast first, so the result stays differentiable.
+
+    Returns
+    -------
+    LTISDE
+        ``k(tau) = H expm(F |tau|) Pinf H^T`` equals ``kernel`` at every lag ``tau``.
+
+    Raises
+    ------
+    ValueError
+        For a kernel with no finite SDE (``RBFKernel``: use ``MaternKernel(nu=2.5)``), an
+        unsupported kernel class, a batched kernel, or one on more than one input dimension;
+        the message names the kernel class.
+    """
+    if not isinstance(kernel, Kernel):
+        raise ValueError(f"kernel must be a gpytorch.kernels.Kernel, got {type(kernel).__name__}")
+    name = type(kernel).__name__
+    if len(kernel.batch_shape) > 0:
+        raise ValueError(
+            f"kernel {name} has batch_shape {tuple(kernel.batch_shape)}; the state-space GP "
+            "supports unbatched kernels only"
+        )
+    active = kernel.active_dims
+    if active is not None and active.tolist() != [0]:
+        raise ValueError(
+            f"kernel {name} has active_dims {active.tolist()}; the state-space GP has a single "
+            "(time) input, so active_dims must be None or [0]"
+        )
+    if isinstance(kernel, ScaleKernel):
+        base = kernel_to_sde(kernel.base_kernel, dtype=dtype, device=device)
+        return base.scaled(kernel.outputscale.to(dtype=base.dtype, device=base.device))
+    if isinstance(kernel, AdditiveKernel):
+        return stack_sdes([kernel_to_sde(k, dtype=dtype, device=device) for k in kernel.kernels])
+    if isinstance(kernel, MaternKernel):
+        if kernel.ard_num_dims not in (None, 1):
+            raise ValueError(
+                f"kernel {name} has ard_num_dims={kernel.ard_num_dims}; the state-space GP has "
+                "a single (time) input"
+            )
+        ell = kernel.lengthscale.to(dtype=dtype, device=device)
+        return matern_sde(float(kernel.nu), ell)
+    if name in _NO_FINITE_SDE:
+        raise ValueError(f"kernel {name} is not supported: {_NO_FINITE_SDE[name]}")
+    raise ValueError(
+        f"kernel {name} has no state-space conversion; supported: {_SUPPORTED}. For a smooth "
+        "stationary kernel use MaternKernel(nu=2.5), the closest finite-order alternative to RBF"
+    )
