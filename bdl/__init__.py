@@ -3,7 +3,7 @@
 Every model answers ``model.posterior(X)`` with a :class:`~bdl.posterior.Posterior`.
 """
 
-from bdl import lastlayer, metrics
+from bdl import lastlayer, metrics, sgmcmc
 from bdl.estimators import VBLLClassifier, VBLLRegressor
 from bdl.lastlayer import (
     GenerativeVBLLClassification,
@@ -28,4 +28,5 @@ __all__ = [
     "GenerativeVBLLClassification",
     "lastlayer",
     "metrics",
+    "sgmcmc",
 ]

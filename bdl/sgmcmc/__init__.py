@@ -1,0 +1,33 @@
+"""Stochastic-gradient MCMC samplers as ``torch.optim.Optimizer`` subclasses.
+
+All samplers share one convention (DESIGN.md, "Objective scaling"): the user's loss is the
+*mean* negative log-likelihood of a minibatch, the optimizer is told the number of training
+points ``num_data = N``, and it scales internally so that the target is
+``exp(-U(theta) / T)`` with the full-data potential
+
+    U(theta) = N * mean_loss_full(theta) + prior_precision * ||theta||^2 / 2.
+
+With ``lr = eta * N`` the SGLD step is
+``theta <- theta - lr * (grad mean_loss + prior_precision * theta / N) + sqrt(2 lr T / N) xi``.
+
+- :class:`SGLD`: Langevin dynamics (Welling & Teh 2011).
+- :class:`SGHMC`: Hamiltonian dynamics with friction ``momentum_decay`` (Chen et al. 2014).
+- :class:`PSGLD`: RMSprop-preconditioned SGLD (Li et al. 2016), freezable preconditioner.
+- :class:`CyclicalSchedule`: cosine cyclical step size with exploration / sampling phases
+  (cSG-MCMC, Zhang et al. 2020).
+"""
+
+from bdl.sgmcmc._base import NonFiniteGradientError, SGMCMCOptimizer
+from bdl.sgmcmc.psgld import PSGLD
+from bdl.sgmcmc.schedule import CyclicalSchedule
+from bdl.sgmcmc.sghmc import SGHMC
+from bdl.sgmcmc.sgld import SGLD
+
+__all__ = [
+    "SGLD",
+    "SGHMC",
+    "PSGLD",
+    "CyclicalSchedule",
+    "SGMCMCOptimizer",
+    "NonFiniteGradientError",
+]
