@@ -248,6 +248,14 @@ class SGMCMCOptimizer(Optimizer):
             return 0.0
         return math.sqrt(2.0 * scale * group["lr"] * temperature / group["num_data"])
 
+    @staticmethod
+    def _add_drift(group: dict[str, Any], bucket: _Bucket, scale: float) -> None:
+        """``flat += -scale * (grad + prior_precision * theta / N)`` (the Langevin drift)."""
+        torch._foreach_add_(bucket.views, bucket.grads, alpha=-scale)
+        if group["prior_precision"]:
+            shrink = -scale * group["prior_precision"] / group["num_data"]
+            torch._foreach_add_(bucket.views, bucket.params, alpha=shrink)
+
     def _fill_noise(self, bucket: _Bucket, std: float) -> None:
         """``flat <- std * xi`` with ``xi ~ N(0, I)`` (one draw for the bucket), or zeros."""
         if std > 0.0:

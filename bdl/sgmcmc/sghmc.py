@@ -97,10 +97,7 @@ class SGHMC(SGMCMCOptimizer):
         # the commit's lerp v <- v + alpha (w - v) is the velocity update in one pass.
         lr, alpha = group["lr"], group["momentum_decay"]
         self._fill_noise(bucket, self._noise_std(group, scale=alpha) / alpha)
-        torch._foreach_add_(bucket.views, bucket.grads, alpha=-lr / alpha)
-        if group["prior_precision"]:
-            shrink = -lr * group["prior_precision"] / (group["num_data"] * alpha)
-            torch._foreach_add_(bucket.views, bucket.params, alpha=shrink)
+        self._add_drift(group, bucket, lr / alpha)
 
     def _commit(self, group: dict[str, Any], bucket: _Bucket, extra: None) -> None:
         velocities = []

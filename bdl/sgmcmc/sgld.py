@@ -86,9 +86,5 @@ class SGLD(SGMCMCOptimizer):
 
     def _prepare(self, group: dict[str, Any], bucket: _Bucket) -> None:
         # flat <- sqrt(2 lr T / N) xi - lr (grad + lambda theta / N)
-        lr = group["lr"]
         self._fill_noise(bucket, self._noise_std(group))
-        torch._foreach_add_(bucket.views, bucket.grads, alpha=-lr)
-        if group["prior_precision"]:
-            shrink = -lr * group["prior_precision"] / group["num_data"]
-            torch._foreach_add_(bucket.views, bucket.params, alpha=shrink)
+        self._add_drift(group, bucket, group["lr"])
