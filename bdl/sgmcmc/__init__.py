@@ -15,9 +15,14 @@ With ``lr = eta * N`` the SGLD step is
 - :class:`PSGLD`: RMSprop-preconditioned SGLD (Li et al. 2016), freezable preconditioner.
 - :class:`CyclicalSchedule`: cosine cyclical step size with exploration / sampling phases
   (cSG-MCMC, Zhang et al. 2020).
+- :class:`SampleCollector`: burn-in, thinning and compact storage of weight samples, and the
+  predictive posterior averaged over them.
+- :func:`effective_sample_size`, :func:`rhat`: convergence diagnostics of the draws.
 """
 
 from bdl.sgmcmc._base import NonFiniteGradientError, SGMCMCOptimizer
+from bdl.sgmcmc.collector import SampleCollector
+from bdl.sgmcmc.diagnostics import effective_sample_size, rhat
 from bdl.sgmcmc.psgld import PSGLD
 from bdl.sgmcmc.schedule import CyclicalSchedule
 from bdl.sgmcmc.sghmc import SGHMC
@@ -30,4 +35,7 @@ __all__ = [
     "CyclicalSchedule",
     "SGMCMCOptimizer",
     "NonFiniteGradientError",
+    "SampleCollector",
+    "effective_sample_size",
+    "rhat",
 ]

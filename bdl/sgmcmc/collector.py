@@ -1,0 +1,332 @@
+"""Collect SG-MCMC samples of a network's weights and predict with them.
+
+Usage (call :meth:`SampleCollector.update` once after every optimizer step)::
+
+    opt = bdl.sgmcmc.SGHMC(model.parameters(), lr=0.1, num_data=N, prior_precision=1.0)
+    collector = bdl.sgmcmc.SampleCollector(model, burn_in=1000, thin=100)
+    for x, y in loader:
+        opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+        collector.update()
+    posterior = collector.posterior(x_test)        # CategoricalPosterior
+
+Each sample is the vector of the model's trainable parameters (flattened in
+``model.parameters()`` order, as :func:`torch.nn.utils.parameters_to_vector` does) plus the
+vector of its floating-point buffers (BatchNorm running statistics: they are not parameters
+of the posterior but belong to each sample, ALGORITHMS.md §2.7).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bdl._validation import check_choice, check_int
+from bdl.posterior import CategoricalPosterior, SamplePosterior
+from bdl.sgmcmc.schedule import CyclicalSchedule
+
+__all__ = ["SampleCollector"]
+
+
+def _flatten(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Detached copy of ``tensors`` concatenated into one vector of ``dtype`` on ``device``."""
+    if not tensors:
+        return torch.empty(0, dtype=dtype, device=device)
+    parts = [t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors]
+    return torch.cat(parts)  # always a new tensor, never a view of the parameters
+
+
+@torch.no_grad()
+def _assign(tensors: list[Tensor], vector: Tensor) -> None:
+    """Copy consecutive slices of ``vector`` into ``tensors`` (casting dtype and device)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(vector[offset : offset + n].view_as(t))
+        offset += n
+
+
+class SampleCollector:
+    """Thinned, compactly stored weight samples of an SG-MCMC chain, with a predictive.
+
+    Collection rule (``t`` counts calls of :meth:`update`, 1-based):
+
+    - without ``schedule``: the state after step ``t`` is kept iff ``t > burn_in`` and
+      ``(t - burn_in) % thin == 0``, so after ``T`` steps ``max(0, T - burn_in) // thin``
+      samples have been collected;
+    - with a :class:`~bdl.sgmcmc.CyclicalSchedule`: the state is kept iff ``t > burn_in``,
+      ``schedule.is_sampling_step()`` and ``schedule.steps_to_end_of_cycle() % thin == 0``,
+      i.e. every ``thin``-th step of each cycle's sampling (noisy, low-``lr``) phase counted
+      back from the cycle's last step, which is always kept (``thin = 1``: every sampling
+      step; ``thin`` >= the sampling-phase length: only the end of each cycle). Exploration
+      steps are never kept. Call :meth:`update` after ``opt.step()`` and *before*
+      ``schedule.step()``, so that the schedule still describes the step just taken.
+
+    Storage: one vector of the trainable parameters (``requires_grad=True`` when the collector
+    is built; frozen ones are not stored) and one vector of the floating-point buffers per
+    sample, in ``dtype`` on ``device`` (e.g. ``torch.float16`` on ``"cpu"`` to offload a GPU
+    chain: memory is ``S x P x 2`` bytes). With ``max_samples`` the samples live in a ring
+    buffer that keeps the newest ``max_samples`` (older ones are dropped as new ones arrive).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network the SG-MCMC optimizer updates in place.
+    burn_in : int
+        Number of initial steps (>= 0) never kept.
+    thin : int
+        Keep every ``thin``-th step (>= 1); see the collection rule above.
+    max_samples : int, optional
+        Keep at most this many (the newest) samples; unbounded when ``None``.
+    dtype : torch.dtype, optional
+        Floating dtype of the stored samples; the parameters' dtype by default.
+    device : torch.device or str, optional
+        Device of the stored samples; the parameters' device by default.
+    schedule : CyclicalSchedule, optional
+        Collect only in the sampling phases of its cycles (see above).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        burn_in: int = 0,
+        thin: int = 1,
+        max_samples: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        schedule: CyclicalSchedule | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("model has no trainable parameters (requires_grad=True) to collect")
+        self._buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.burn_in = check_int("burn_in", burn_in, minimum=0)
+        self.thin = check_int("thin", thin, minimum=1)
+        self.max_samples = None if max_samples is None else check_int("max_samples", max_samples)
+        first = self._params[0]
+        if dtype is None:
+            dtype = first.dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.dtype = dtype
+        try:
+            self.device = first.device if device is None else torch.device(device)
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"device must be a torch.device or str, got {device!r}") from err
+        if schedule is not None and not isinstance(schedule, CyclicalSchedule):
+            raise ValueError(
+                f"schedule must be a bdl.sgmcmc.CyclicalSchedule, got {type(schedule).__name__}"
+            )
+        self.schedule = schedule
+        self.num_params = sum(p.numel() for p in self._params)
+        self.num_buffer_values = sum(b.numel() for b in self._buffers)
+        self.num_steps = 0
+        self.num_collected = 0
+        self._store: collections.deque[tuple[Tensor, Tensor]] = collections.deque(
+            maxlen=self.max_samples
+        )
+
+    # -- collection --------------------------------------------------------------------------
+    def should_collect(self) -> bool:
+        """Whether the state after the current step (``num_steps``) is kept by the rule."""
+        t = self.num_steps
+        if t <= self.burn_in:
+            return False
+        if self.schedule is None:
+            return (t - self.burn_in) % self.thin == 0
+        return (
+            self.schedule.is_sampling_step()
+            and self.schedule.steps_to_end_of_cycle() % self.thin == 0
+        )
+
+    def update(self) -> bool:
+        """Count one optimizer step and keep the model's current state if the rule says so.
+
+        Returns
+        -------
+        bool
+            Whether a sample was stored.
+        """
+        self.num_steps += 1
+        if not self.should_collect():
+            return False
+        self.collect()
+        return True
+
+    def collect(self) -> None:
+        """Store the model's current parameters and buffers unconditionally (no step counted)."""
+        params = _flatten(self._params, self.dtype, self.device)
+        buffers = _flatten(self._buffers, self.dtype, self.device)
+        self._store.append((params, buffers))
+        self.num_collected += 1
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def samples(self) -> Tensor:
+        """Stored parameter vectors, oldest first, shape ``(S, P)`` (a new tensor)."""
+        if not self._store:
+            return torch.empty(0, self.num_params, dtype=self.dtype, device=self.device)
+        return torch.stack([p for p, _ in self._store])
+
+    @property
+    def buffer_samples(self) -> Tensor:
+        """Stored floating-point buffer vectors, oldest first, shape ``(S, B)``."""
+        if not self._store:
+            return torch.empty(0, self.num_buffer_values, dtype=self.dtype, device=self.device)
+        return torch.stack([b for _, b in self._store])
+
+    # -- prediction --------------------------------------------------------------------------
+    @contextmanager
+    def _preserved_model(self) -> Iterator[None]:
+        """Eval mode and no_grad inside; parameters, buffers and train flags restored after."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        saved_params = [p.detach().clone() for p in self._params]
+        saved_buffers = [b.detach().clone() for b in self._buffers]
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            with torch.no_grad():
+                for t, s in zip(self._params, saved_params, strict=True):
+                    t.copy_(s)
+                for t, s in zip(self._buffers, saved_buffers, strict=True):
+                    t.copy_(s)
+            for m, mode in modes:
+                m.training = mode
+
+    def load_sample(self, index: int) -> None:
+        """Overwrite the model's parameters and buffers with stored sample ``index``."""
+        params, buffers = self._store[index]
+        _assign(self._params, params)
+        _assign(self._buffers, buffers)
+
+    def _forward(self, x: Tensor, batch_size: int | None) -> Tensor:
+        if batch_size is None or batch_size >= x.shape[0]:
+            return self.model(x)
+        return torch.cat([self.model(chunk) for chunk in torch.split(x, batch_size)], dim=0)
+
+    def posterior(
+        self,
+        x: Tensor,
+        task: str = "classification",
+        noise_variance: Tensor | float | None = None,
+        batch_size: int | None = None,
+    ) -> CategoricalPosterior | SamplePosterior:
+        """Predictive distribution at ``x`` averaged over the stored samples.
+
+        Each sample is loaded into the model in turn (eval mode, no gradients); the model's
+        own parameters, buffers and train/eval flags are restored afterwards, even on error.
+
+        Parameters
+        ----------
+        x : Tensor, shape (n, ...)
+            Inputs, as the model takes them.
+        task : {"classification", "regression"}
+            ``"classification"``: the model returns logits ``(..., n, C)`` and the result is a
+            :class:`~bdl.posterior.CategoricalPosterior` whose ``probs`` are the mean over
+            samples of the softmax (probabilities are averaged, not logits) and whose
+            ``prob_samples`` have shape ``(S, ..., n, C)``. ``"regression"``: the model returns
+            ``(..., n, m)`` (or ``(n,)``, read as ``m = 1``) and the result is a
+            :class:`~bdl.posterior.SamplePosterior` of the outputs ``(S, ..., n, m)``: mean and
+            variance are the equal-weight mixture moments.
+        noise_variance : float or Tensor, optional
+            Regression only: observation-noise variance (broadcastable to ``(S, ..., n, m)``),
+            added to the mixture variance; the latent function's predictive when ``None``.
+        batch_size : int, optional
+            Evaluate ``x`` in chunks of this many rows (outputs concatenated along dim 0).
+
+        Returns
+        -------
+        CategoricalPosterior or SamplePosterior
+        """
+        check_choice("task", task, ("classification", "regression"))
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
+        if batch_size is not None:
+            batch_size = check_int("batch_size", batch_size)
+        if task == "classification" and noise_variance is not None:
+            raise ValueError("noise_variance applies to task='regression' only")
+        if not self._store:
+            raise ValueError(
+                f"SampleCollector holds no samples: posterior needs at least one collected "
+                f"sample (steps taken: {self.num_steps}, burn_in={self.burn_in}, thin={self.thin})"
+            )
+        outputs = []
+        with self._preserved_model():
+            for i in range(len(self._store)):
+                self.load_sample(i)
+                out = self._forward(x, batch_size)
+                if task == "classification":
+                    if out.dim() < 2:
+                        raise ValueError(
+                            f"task='classification' needs logits of shape (..., n, C), the "
+                            f"model returned shape {tuple(out.shape)}"
+                        )
+                    out = torch.softmax(out, dim=-1)
+                elif out.dim() == 1:
+                    out = out.unsqueeze(-1)
+                outputs.append(out)
+        stacked = torch.stack(outputs)
+        if task == "classification":
+            return CategoricalPosterior(stacked.mean(0), prob_samples=stacked)
+        return SamplePosterior(stacked, noise_variance=noise_variance)
+
+    # -- serialisation -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Stored samples (oldest first) and counters; loadable with ``weights_only=True``."""
+        return {
+            "samples": self.samples,
+            "buffer_samples": self.buffer_samples,
+            "num_steps": self.num_steps,
+            "num_collected": self.num_collected,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore samples and counters saved by :meth:`state_dict`.
+
+        Samples are cast to this collector's ``dtype`` and ``device``; with ``max_samples``
+        only the newest ``max_samples`` are kept.
+        """
+        missing = {"samples", "buffer_samples", "num_steps", "num_collected"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict is missing keys {sorted(missing)}")
+        samples, buffers = state_dict["samples"], state_dict["buffer_samples"]
+        if samples.dim() != 2 or samples.shape[1] != self.num_params:
+            raise ValueError(
+                f"state_dict['samples'] must have shape (S, {self.num_params}), got "
+                f"{tuple(samples.shape)}"
+            )
+        if buffers.shape != (samples.shape[0], self.num_buffer_values):
+            raise ValueError(
+                f"state_dict['buffer_samples'] must have shape ({samples.shape[0]}, "
+                f"{self.num_buffer_values}), got {tuple(buffers.shape)}"
+            )
+        self._store.clear()
+        for p, b in zip(samples, buffers, strict=True):
+            self._store.append(
+                (
+                    p.to(device=self.device, dtype=self.dtype).clone(),
+                    b.to(device=self.device, dtype=self.dtype).clone(),
+                )
+            )
+        self.num_steps = check_int("num_steps", int(state_dict["num_steps"]), minimum=0)
+        self.num_collected = check_int("num_collected", int(state_dict["num_collected"]), minimum=0)
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleCollector(num_samples={len(self)}, num_params={self.num_params}, "
+            f"burn_in={self.burn_in}, thin={self.thin}, max_samples={self.max_samples}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
