@@ -2,7 +2,8 @@
 
 A stationary kernel with a rational spectrum is an LTI SDE (:mod:`.kernels`, :mod:`.sde`);
 discretised exactly on the data's time grid (:mod:`.discretise`, :mod:`.grid`), GP regression
-becomes Kalman filtering and RTS smoothing (:mod:`.kalman`) at O(n) cost. The user-facing
+becomes Kalman filtering and RTS smoothing at O(n) cost, sequentially (:mod:`.kalman`) or by
+parallel-in-time scans (:mod:`.parallel`). The user-facing
 model is :class:`StateSpaceGP`.
 """
 
@@ -11,6 +12,12 @@ from .grid import TimeGrid, make_grid
 from .kalman import FilterResult, kalman_filter, rts_smoother
 from .kernels import kernel_to_sde, matern_sde
 from .model import StateSpaceGP
+from .parallel import (
+    associative_scan,
+    parallel_kalman_filter,
+    parallel_rts_smoother,
+    resolve_method,
+)
 from .sde import LTISDE, stack_sdes
 
 __all__ = [
@@ -18,11 +25,15 @@ __all__ = [
     "FilterResult",
     "StateSpaceGP",
     "TimeGrid",
+    "associative_scan",
     "discretise",
     "kalman_filter",
     "kernel_to_sde",
     "make_grid",
     "matern_sde",
+    "parallel_kalman_filter",
+    "parallel_rts_smoother",
+    "resolve_method",
     "rts_smoother",
     "stack_sdes",
 ]

@@ -15,6 +15,7 @@ from .discretise import discretise
 from .grid import make_grid
 from .kalman import FilterResult, kalman_filter, rts_smoother
 from .kernels import kernel_to_sde
+from .parallel import parallel_kalman_filter, parallel_rts_smoother, resolve_method
 from .sde import LTISDE
 
 __all__ = ["StateSpaceGP"]
@@ -98,6 +99,11 @@ class StateSpaceGP(nn.Module):
     noise : float, default 0.1
         Initial observation-noise variance, > 0. Stored as ``raw_noise`` with
         ``noise = softplus(raw_noise)``.
+    method : {"auto", "sequential", "parallel"}, default "auto"
+        Filtering/smoothing algorithm: the sequential Kalman loop (:mod:`.kalman`), or the
+        ``O(log n)``-depth parallel scan (:mod:`.parallel`); both are exact and agree to
+        rounding. ``"auto"`` uses the parallel scan on CUDA and the sequential loop
+        elsewhere (see :func:`gp.statespace.resolve_method`). Can be overridden per call.
 
     Attributes
     ----------
@@ -112,9 +118,11 @@ class StateSpaceGP(nn.Module):
     precision there (see :func:`gp.statespace.discretise`) and are better run in float64.
     """
 
-    def __init__(self, kernel: Kernel, noise: float = 0.1) -> None:
+    def __init__(self, kernel: Kernel, noise: float = 0.1, method: str = "auto") -> None:
         super().__init__()
         kernel_to_sde(kernel)  # raises a clear ValueError for unsupported kernels
+        resolve_method(method)  # validates the name
+        self.method = method
         self.kernel = kernel
         self.raw_noise = nn.Parameter(torch.tensor(_inverse_softplus(self._check_noise(noise))))
         self.train_t: Tensor | None = None
@@ -179,15 +187,18 @@ class StateSpaceGP(nn.Module):
 
     # -- inference ------------------------------------------------------------------------
     def _filter(
-        self, times_dt: Tensor, zero_step: Tensor, y: Tensor, dtype: torch.dtype
+        self, times_dt: Tensor, zero_step: Tensor, y: Tensor, dtype: torch.dtype, method: str
     ) -> tuple[Tensor, FilterResult, LTISDE]:
         sde = self.sde(dtype=dtype, device=y.device)
         A, Q = discretise(sde, times_dt)
         noise = self.noise.to(dtype=dtype, device=y.device)
-        result = kalman_filter(A, Q, sde.H, sde.Pinf, y, noise, zero_step=zero_step)
+        run = parallel_kalman_filter if method == "parallel" else kalman_filter
+        result = run(A, Q, sde.H, sde.Pinf, y, noise, zero_step=zero_step)
         return A, result, sde
 
-    def log_marginal_likelihood(self, t: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+    def log_marginal_likelihood(
+        self, t: Tensor | None = None, y: Tensor | None = None, method: str | None = None
+    ) -> Tensor:
         """Exact log marginal likelihood ``log p(y | t)``, summed over the observed points.
 
         Equals ``log N(y_obs; 0, K_obs + noise I)`` of the dense GP on the non-NaN points.
@@ -196,6 +207,8 @@ class StateSpaceGP(nn.Module):
         ----------
         t, y : Tensor, shape (n,) or (n, 1), optional
             Data; default: the data given to :meth:`set_data`.
+        method : {"auto", "sequential", "parallel"}, optional
+            Overrides the constructor's ``method`` for this call.
 
         Returns
         -------
@@ -203,12 +216,15 @@ class StateSpaceGP(nn.Module):
             Differentiable with respect to the kernel hyperparameters and ``raw_noise``.
         """
         t, y = self._resolve_data(t, y)
-        dtype, _ = _common(t=t, y=y)
+        dtype, device = _common(t=t, y=y)
+        method = resolve_method(self.method if method is None else method, device)
         grid = make_grid(t.to(dtype), y.to(dtype))
-        _, result, _ = self._filter(grid.dt, grid.zero_step, grid.y, dtype)
+        _, result, _ = self._filter(grid.dt, grid.zero_step, grid.y, dtype, method)
         return result.log_likelihood
 
-    def posterior(self, t_new: Tensor, observation_noise: bool = False) -> GaussianPosterior:
+    def posterior(
+        self, t_new: Tensor, observation_noise: bool = False, method: str | None = None
+    ) -> GaussianPosterior:
         """Posterior marginals at ``t_new`` given the data from :meth:`set_data`.
 
         Exact RTS smoothing on the training times merged with ``t_new`` (as missing
@@ -221,6 +237,8 @@ class StateSpaceGP(nn.Module):
             Finite prediction times, any order.
         observation_noise : bool, default False
             Add the noise variance (predictive of ``y``) instead of the latent ``f``.
+        method : {"auto", "sequential", "parallel"}, optional
+            Overrides the constructor's ``method`` for this call.
 
         Returns
         -------
@@ -231,9 +249,11 @@ class StateSpaceGP(nn.Module):
             raise RuntimeError("no data: call set_data(t, y) before posterior(t_new)")
         t_new = _as_times(t_new, "t_new")
         dtype, device = _common(t=self.train_t, y=self.train_y, t_new=t_new)
+        method = resolve_method(self.method if method is None else method, device)
         grid = make_grid(self.train_t.to(dtype), self.train_y.to(dtype), t_new.to(dtype))
-        A, result, sde = self._filter(grid.dt, grid.zero_step, grid.y, dtype)
-        m_s, P_s = rts_smoother(A, result, zero_step=grid.zero_step)
+        A, result, sde = self._filter(grid.dt, grid.zero_step, grid.y, dtype, method)
+        smoother = parallel_rts_smoother if method == "parallel" else rts_smoother
+        m_s, P_s = smoother(A, result, zero_step=grid.zero_step)
         h = sde.H.reshape(-1)
         m_new, P_new = m_s[grid.new_index], P_s[grid.new_index]
         mean = (m_new @ h).unsqueeze(-1)
@@ -243,4 +263,4 @@ class StateSpaceGP(nn.Module):
         return GaussianPosterior(mean, variance=var)
 
     def extra_repr(self) -> str:
-        return f"noise={self.noise.item():.4g}"
+        return f"noise={self.noise.item():.4g}, method={self.method!r}"
