@@ -18,15 +18,20 @@ With ``lr = eta * N`` the SGLD step is
 - :class:`SampleCollector`: burn-in, thinning and compact storage of weight samples, and the
   predictive posterior averaged over them.
 - :func:`effective_sample_size`, :func:`rhat`: convergence diagnostics of the draws.
+- :class:`StructuredSampler`: structured SG-MCMC (S-SGMCMC, Alexos et al. 2022) over parameter
+  groups (:func:`layer_groups`, :func:`neuron_groups`, :func:`random_groups`), full and dropout
+  variants, with a ring or reservoir :class:`ChainBuffer` of past samples.
 """
 
 from bdl.sgmcmc._base import NonFiniteGradientError, SGMCMCOptimizer
 from bdl.sgmcmc.collector import SampleCollector
 from bdl.sgmcmc.diagnostics import effective_sample_size, rhat
+from bdl.sgmcmc.groups import groups_from_names, layer_groups, neuron_groups, random_groups
 from bdl.sgmcmc.psgld import PSGLD
 from bdl.sgmcmc.schedule import CyclicalSchedule
 from bdl.sgmcmc.sghmc import SGHMC
 from bdl.sgmcmc.sgld import SGLD
+from bdl.sgmcmc.structured import ChainBuffer, StructuredSampler
 
 __all__ = [
     "SGLD",
@@ -38,4 +43,10 @@ __all__ = [
     "SampleCollector",
     "effective_sample_size",
     "rhat",
+    "StructuredSampler",
+    "ChainBuffer",
+    "layer_groups",
+    "neuron_groups",
+    "random_groups",
+    "groups_from_names",
 ]

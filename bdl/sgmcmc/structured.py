@@ -1,0 +1,396 @@
+r"""Structured SG-MCMC (S-SGMCMC; Alexos, Boyd & Mandt, ICML 2022; ALGORITHMS.md §2.6).
+
+The parameters are split into groups :math:`\theta = (\theta_1, \dots, \theta_K)` and the
+sampler targets the structured mean-field fixed point
+:math:`q(\theta) = \prod_g q_g(\theta_g)` with
+
+.. math::
+
+    q_g(\theta_g) \propto \exp\bigl(-U_g(\theta_g) / T\bigr), \qquad
+    U_g(\theta_g) = \mathbb E_{\tilde\theta_{-g} \sim q_{-g}}
+        \bigl[N \bar L_{\mathrm{full}}(\theta_g, \tilde\theta_{-g})\bigr]
+        + \tfrac{\lambda}{2} \lVert\theta_g\rVert^2,
+
+the *self-averaged energy*, where :math:`q_{-g}` is the empirical law of the chain's own
+stored samples of the other groups, each group drawn independently. One :meth:`step` of the
+**full** variant builds, for every group :math:`g`, the composite parameters
+:math:`c_g` (group :math:`g` at its current value, every other group :math:`h` at a stored
+sample :math:`\tilde\theta_h^{(j_{gh})}` with :math:`j_{gh}` uniform over the stored
+entries), evaluates :math:`\sum_g \bar L(c_g)` on one minibatch (``K`` forward passes, one
+``vmap`` batch) and differentiates it w.r.t. the current :math:`\theta`, so that group
+:math:`g` receives :math:`\nabla_{\theta_g} \bar L(c_g)` only. The wrapped SG-MCMC
+optimizer (default :class:`~bdl.sgmcmc.SGLD`) then applies its usual update, for SGLD
+
+.. math::
+
+    \theta_g \leftarrow \theta_g - \mathrm{lr}\,\bigl(\nabla_{\theta_g} \bar L(c_g)
+        + \lambda \theta_g / N\bigr) + \sqrt{2\,\mathrm{lr}\,T / N}\;\xi_g,
+
+and the new :math:`\theta` is pushed into the buffer. With one group this is plain SGLD.
+
+The **dropout** variant draws ``L = num_masks`` masks :math:`\rho_l \in \{0,1\}^K` with
+:math:`\rho_{lg} \sim \mathrm{Bernoulli}(1 - p)` (``dropout_p`` :math:`= p` is the
+probability that a group is *dropped*, i.e. replaced by a stored sample; the paper's ``p``
+is the keep probability :math:`1 - p`), composites
+:math:`c_l = \rho_l \odot \theta + (1 - \rho_l) \odot \tilde\theta_l` and the loss
+
+.. math::
+
+    \hat L = \frac{1}{(1 - p) L} \sum_{l=1}^{L} \bar L(c_l),
+
+whose gradient w.r.t. :math:`\theta_g` is unbiased for
+:math:`\mathbb E_{\rho, \tilde\theta}[\nabla_{\theta_g} \bar L(c) \mid \rho_g = 1]`.
+``dropout_p = 0`` is exactly plain SGLD (every composite is :math:`\theta`; one pass).
+The prior drift is applied to every group at every step (unbiased), not only to kept groups
+as in the reference code.
+
+Pitfalls (ALGORITHMS.md §2.7): start from a MAP solution, and flush the burn-in transient
+from the buffer (:meth:`StructuredSampler.clear_buffer`) or use a ring buffer, since the
+bias of a uniformly sampled buffer decays only polynomially. A finite buffer of effective
+size ``buffer_size / tau`` adds variance and spurious cross-group correlation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from bdl._validation import check_choice, check_int
+from bdl.sgmcmc._base import SGMCMCOptimizer, _check_real
+from bdl.sgmcmc.groups import (
+    groups_from_names,
+    layer_groups,
+    neuron_groups,
+    normalize_groups,
+    random_groups,
+)
+from bdl.sgmcmc.sgld import SGLD
+
+__all__ = ["ChainBuffer", "StructuredSampler"]
+
+
+class ChainBuffer:
+    """Fixed-capacity store of flat parameter vectors: ring buffer or reservoir.
+
+    ``mode="ring"`` keeps the newest ``capacity`` pushes; ``mode="reservoir"`` keeps a
+    uniform random subset of all pushes (Vitter's algorithm R: push number ``n``, counted
+    from 0, replaces slot ``j ~ U{0..n}`` if ``j < capacity``), so after ``n`` pushes every
+    one is stored with probability ``capacity / n``.
+
+    Parameters
+    ----------
+    capacity : int
+        Number of slots ``S``.
+    dim : int
+        Length ``D`` of a pushed vector.
+    mode : {"ring", "reservoir"}
+    dtype, device
+        Of the storage, shape ``(S, D)``.
+    generator : torch.Generator, optional
+        Source of the reservoir's slot draws (on ``generator.device``).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        *,
+        mode: str = "ring",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.capacity = check_int("buffer_size", capacity)
+        self.mode = check_choice("buffer", mode, ("ring", "reservoir"))
+        self.generator = generator
+        self.data = torch.zeros(self.capacity, check_int("dim", dim), dtype=dtype, device=device)
+        self.stamps = torch.full((self.capacity,), -1, dtype=torch.long)
+        self.num_pushed = 0
+
+    def __len__(self) -> int:
+        """Number of stored entries, ``min(num_pushed, capacity)``."""
+        return min(self.num_pushed, self.capacity)
+
+    @property
+    def samples(self) -> Tensor:
+        """The stored vectors, shape ``(len(self), D)`` (a view; slot order, not time order)."""
+        return self.data[: len(self)]
+
+    @property
+    def steps(self) -> Tensor:
+        """Push number (0-based) of every stored entry, shape ``(len(self),)``."""
+        return self.stamps[: len(self)]
+
+    def push(self, x: Tensor) -> None:
+        """Store a copy of ``x`` (shape ``(D,)``) according to the mode."""
+        n = self.num_pushed
+        if n < self.capacity or self.mode == "ring":
+            slot: int | None = n % self.capacity
+        else:
+            device = self.generator.device if self.generator is not None else "cpu"
+            j = int(torch.randint(n + 1, (1,), generator=self.generator, device=device).item())
+            slot = j if j < self.capacity else None
+        if slot is not None:
+            self.data[slot].copy_(x)
+            self.stamps[slot] = n
+        self.num_pushed = n + 1
+
+    def reset(self) -> None:
+        """Forget every entry."""
+        self.num_pushed = 0
+        self.stamps.fill_(-1)
+
+
+class _LossModule(nn.Module):
+    """``forward() = loss_fn(model)``, so ``functional_call`` can swap the model's weights."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self) -> Tensor:
+        return self.loss_fn(self.model)
+
+
+class StructuredSampler:
+    """Structured SG-MCMC over parameter groups, driven from an ordinary training loop.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Its grouped parameters are sampled in place (start them at a MAP solution).
+    groups : {"layer", "neuron", "random"}, list of list of str, or dict of str to LongTensor
+        ``"layer"``/``"neuron"``/``"random"``: :func:`~bdl.sgmcmc.groups.layer_groups`,
+        :func:`~bdl.sgmcmc.groups.neuron_groups`, :func:`~bdl.sgmcmc.groups.random_groups`
+        (needs ``num_groups``; seeded by ``group_seed``). A list of lists of parameter names
+        makes one group per list. A dict gives the group id of every scalar (tensors of the
+        parameters' shapes). Parameters left out are held fixed.
+    num_data, lr, temperature, prior_precision
+        As for :class:`~bdl.sgmcmc.SGLD` (``lr = eta * N``, mean minibatch loss).
+    sampler : subclass of SGMCMCOptimizer
+        Update rule applied to the structured gradients (SGLD, PSGLD, SGHMC).
+    sampler_kwargs : dict, optional
+        Extra arguments of ``sampler`` (e.g. ``{"momentum_decay": 0.1}``).
+    num_groups : int, optional
+        ``K`` for ``groups="random"``.
+    group_seed : int
+        Seed of the random grouping.
+    buffer_size : int
+        Stored samples ``S`` (memory ``S x D``).
+    buffer : {"ring", "reservoir"}
+        Keep the newest ``S`` samples, or a uniform subset of all of them.
+    variant : {"full", "dropout"}
+        ``K`` composites per step, or ``num_masks`` random-mask composites.
+    dropout_p : float
+        Probability in ``[0, 1)`` that a group is replaced by a stored sample (dropout).
+    num_masks : int
+        ``L``, composites per step of the dropout variant.
+    vectorize : bool
+        Evaluate the composites as one ``torch.func.vmap`` batch (needs a vmap-able model and
+        loss: no in-place BatchNorm statistics); ``False`` loops over them.
+    generator : torch.Generator, optional
+        Source of noise, buffer indices, masks and reservoir draws (params' device).
+
+    Attributes
+    ----------
+    optimizer : SGMCMCOptimizer
+        The wrapped sampler over the grouped parameters.
+    buffer : ChainBuffer
+        Stored flat samples, shape ``(S, D)``; initialised with the starting values.
+    group_ids : LongTensor, shape (D,)
+        Group of every sampled scalar (flattened in ``named_parameters`` order).
+    num_groups : int
+        ``K``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: str | Sequence[Sequence[str]] | Mapping[str, Tensor] = "layer",
+        *,
+        num_data: float,
+        lr: float,
+        temperature: float = 1.0,
+        prior_precision: float = 0.0,
+        sampler: type[SGMCMCOptimizer] = SGLD,
+        sampler_kwargs: Mapping[str, Any] | None = None,
+        num_groups: int | None = None,
+        group_seed: int = 0,
+        buffer_size: int = 1000,
+        buffer: str = "ring",
+        variant: str = "full",
+        dropout_p: float = 0.5,
+        num_masks: int = 1,
+        vectorize: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(groups, str):
+            check_choice("groups", groups, ("layer", "neuron", "random"))
+            if groups != "random" and num_groups is not None:
+                raise ValueError("num_groups is only used with groups='random'")
+            if groups == "random":
+                if num_groups is None:
+                    raise ValueError("num_groups is required with groups='random'")
+                groups = random_groups(model, num_groups, seed=group_seed)
+            else:
+                groups = layer_groups(model) if groups == "layer" else neuron_groups(model)
+        elif num_groups is not None:
+            raise ValueError("num_groups is only used with groups='random'")
+        elif isinstance(groups, Mapping):
+            pass
+        elif isinstance(groups, Sequence):
+            groups = groups_from_names(model, groups)
+        else:
+            raise ValueError(
+                "groups must be 'layer', 'neuron', 'random', a list of lists of parameter "
+                f"names or a dict of group-id tensors, got {type(groups).__name__}"
+            )
+        if not (isinstance(sampler, type) and issubclass(sampler, SGMCMCOptimizer)):
+            raise ValueError(f"sampler must be an SGMCMCOptimizer subclass, got {sampler!r}")
+        self.variant = check_choice("variant", variant, ("full", "dropout"))
+        self.dropout_p = _check_real("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+        self.num_masks = check_int("num_masks", num_masks)
+        self.vectorize = bool(vectorize)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError("generator must be a torch.Generator or None")
+        self.generator = generator
+        self.model = model
+        named, self.group_ids, self.num_groups = normalize_groups(model, groups)
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._shapes = [p.shape for p in self._params]
+        self._sizes = [p.numel() for p in self._params]
+        self.optimizer = sampler(
+            self._params,
+            lr=lr,
+            num_data=num_data,
+            temperature=temperature,
+            prior_precision=prior_precision,
+            generator=generator,
+            **dict(sampler_kwargs or {}),
+        )
+        theta = self._flat()
+        self.buffer = ChainBuffer(
+            buffer_size,
+            theta.numel(),
+            mode=buffer,
+            dtype=theta.dtype,
+            device=theta.device,
+            generator=generator,
+        )
+        self.buffer.push(theta)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _flat(self) -> Tensor:
+        """Current values of the grouped parameters, shape ``(D,)`` (a detached copy)."""
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    def _unflatten(self, flat: Tensor, prefix: str = "") -> dict[str, Tensor]:
+        """Split ``(..., D)`` into ``{prefix + name: (..., *shape)}``."""
+        lead = flat.shape[:-1]
+        parts = flat.split(self._sizes, dim=-1)
+        return {
+            prefix + n: t.reshape(*lead, *s)
+            for n, t, s in zip(self._names, parts, self._shapes, strict=True)
+        }
+
+    def _randint(self, high: int, size: tuple[int, ...]) -> Tensor:
+        device = self.group_ids.device
+        if high == 1:
+            return torch.zeros(size, dtype=torch.long, device=device)
+        return torch.randint(high, size, generator=self.generator, device=device)
+
+    def _composite_masks(self) -> tuple[Tensor, Tensor] | None:
+        """Boolean ``(M, K)`` keep-masks and weights ``(M,)``; ``None`` means plain SGLD."""
+        k, device = self.num_groups, self.group_ids.device
+        if self.variant == "full":
+            if k == 1:
+                return None
+            return torch.eye(k, dtype=torch.bool, device=device), torch.ones(k, device=device)
+        if self.dropout_p == 0.0:
+            return None
+        keep = 1.0 - self.dropout_p
+        u = torch.rand(self.num_masks, k, generator=self.generator, device=device)
+        weight = 1.0 / (keep * self.num_masks)
+        return u < keep, torch.full((self.num_masks,), weight, device=device)
+
+    # -- public ----------------------------------------------------------------------------
+    def step(self, loss_fn: Callable[[nn.Module], Tensor]) -> Tensor:
+        """One structured update of every group.
+
+        Parameters
+        ----------
+        loss_fn : callable
+            ``loss_fn(model)`` returns the mean minibatch negative log-likelihood (a scalar)
+            for the model's *current* parameters; it is called with the composite
+            parameters swapped in (``torch.func.functional_call``), once per composite, all
+            on the same minibatch.
+
+        Returns
+        -------
+        Tensor
+            Mean of the composites' losses (detached scalar).
+        """
+        if not callable(loss_fn):
+            raise ValueError("loss_fn must be callable: loss_fn(model) -> scalar mean loss")
+        plan = self._composite_masks()
+        if plan is None:
+            loss = loss_fn(self.model)
+            self._check_loss(loss)
+            grads = torch.autograd.grad(loss, self._params)
+        else:
+            masks, weights = plan
+            theta = self._flat().requires_grad_(True)
+            stored = self.buffer.samples
+            idx = self._randint(len(stored), tuple(masks.shape))  # (M, K)
+            others = stored.gather(0, idx[:, self.group_ids])  # (M, D)
+            composite = torch.where(masks[:, self.group_ids], theta, others)
+            wrapper = _LossModule(self.model, loss_fn)
+
+            def one(row: Tensor) -> Tensor:
+                return functional_call(wrapper, self._unflatten(row, "model."), ())
+
+            if self.vectorize:
+                losses = vmap(one, randomness="different")(composite)
+            else:
+                losses = torch.stack([one(row) for row in composite])
+            self._check_loss(losses[0] if losses.dim() == 1 else losses)
+            loss = losses.mean()
+            (flat_grad,) = torch.autograd.grad((weights.to(losses) * losses).sum(), theta)
+            grads = flat_grad.split(self._sizes)
+        for p, g in zip(self._params, grads, strict=True):
+            p.grad = g.reshape(p.shape)
+        self.optimizer.step()
+        self.buffer.push(self._flat())
+        return loss.detach()
+
+    @staticmethod
+    def _check_loss(loss: Any) -> None:
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError("loss_fn must return a scalar tensor (the mean minibatch loss)")
+
+    def clear_buffer(self) -> None:
+        """Forget the stored samples (e.g. the burn-in transient) and store the current one."""
+        self.buffer.reset()
+        self.buffer.push(self._flat())
+
+    def sample_parameters(self, num_samples: int = 1) -> dict[str, Tensor]:
+        """Mean-field draws: every group from an independent uniform buffer entry.
+
+        Returns
+        -------
+        dict of str to Tensor
+            ``name -> (num_samples, *shape)``, ready for ``torch.func.functional_call``
+            under ``vmap`` (or index ``[s]`` for one sample).
+        """
+        num_samples = check_int("num_samples", num_samples)
+        stored = self.buffer.samples
+        idx = self._randint(len(stored), (num_samples, self.num_groups))
+        return self._unflatten(stored.gather(0, idx[:, self.group_ids]))
