@@ -58,6 +58,13 @@ def _check_model(A: Tensor, Q: Tensor, H: Tensor, Pinf: Tensor, n: int) -> None:
             )
 
 
+def _noise_vector(noise: Tensor, n: int) -> Tensor:
+    """Observation-noise variances as an (n,) view of a scalar or (n,) tensor."""
+    if noise.numel() not in (1, n):
+        raise ValueError(f"noise must have shape () or ({n},), got {tuple(noise.shape)}")
+    return noise.reshape(-1).expand(n) if noise.numel() == 1 else noise.reshape(n)
+
+
 def kalman_filter(
     A: Tensor,
     Q: Tensor,
@@ -102,9 +109,7 @@ def kalman_filter(
     d = Pinf.shape[-1]
     h = H.reshape(d)
     eye = torch.eye(d, dtype=Pinf.dtype, device=Pinf.device)
-    if noise.numel() not in (1, n):
-        raise ValueError(f"noise must have shape () or ({n},), got {tuple(noise.shape)}")
-    R = noise.reshape(-1).expand(n) if noise.numel() == 1 else noise.reshape(n)
+    R = _noise_vector(noise, n)
     observed = (~torch.isnan(y)).tolist()  # one host sync, not one per step
     skip = [False] * max(n - 1, 0) if zero_step is None else zero_step.tolist()
     A_k, Q_k, y_k, R_k = A.unbind(0), Q.unbind(0), y.unbind(0), R.unbind(0)

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .kalman import FilterResult, _check_model
+from .kalman import FilterResult, _check_model, _noise_vector
 
 __all__ = [
     "associative_scan",
@@ -181,12 +181,6 @@ def filtering_operator(ei: Elements, ej: Elements) -> Elements:
     eta = (V @ (etaj - (Jj @ bi.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1) + etai
     J = _sym(V @ Jj @ Ai + Ji)
     return A, b, C, eta, J
-
-
-def _noise_vector(noise: Tensor, n: int) -> Tensor:
-    if noise.numel() not in (1, n):
-        raise ValueError(f"noise must have shape () or ({n},), got {tuple(noise.shape)}")
-    return noise.reshape(-1).expand(n) if noise.numel() == 1 else noise.reshape(n)
 
 
 def filtering_elements(
