@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -95,7 +96,7 @@ def _check_real(
     return value
 
 
-class SGMCMCOptimizer(Optimizer):
+class SGMCMCOptimizer(Optimizer, ABC):
     """Base class of the SG-MCMC optimizers (see the module docstring for the convention).
 
     Subclasses implement :meth:`_prepare` (build the update of one bucket into its flat
@@ -234,8 +235,9 @@ class SGMCMCOptimizer(Optimizer):
             self._commit(group, bucket, extra)
         return loss
 
-    def _prepare(self, group: dict[str, Any], bucket: _Bucket) -> Any:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _prepare(self, group: dict[str, Any], bucket: _Bucket) -> Any:
+        """Write the step's update into ``bucket.flat``; return what :meth:`_commit` needs."""
 
     def _commit(self, group: dict[str, Any], bucket: _Bucket, extra: Any) -> None:
         torch._foreach_add_(bucket.params, bucket.views)
