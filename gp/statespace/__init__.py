@@ -18,6 +18,7 @@ from .parallel import (
     parallel_rts_smoother,
     resolve_method,
 )
+from .periodic import cosine_sde, periodic_sde, periodic_series, product_sde
 from .sde import LTISDE, stack_sdes
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "StateSpaceGP",
     "TimeGrid",
     "associative_scan",
+    "cosine_sde",
     "discretise",
     "kalman_filter",
     "kernel_to_sde",
@@ -33,6 +35,9 @@ __all__ = [
     "matern_sde",
     "parallel_kalman_filter",
     "parallel_rts_smoother",
+    "periodic_sde",
+    "periodic_series",
+    "product_sde",
     "resolve_method",
     "rts_smoother",
     "stack_sdes",

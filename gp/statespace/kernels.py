@@ -5,7 +5,19 @@ Supported (exact, no approximation):
 - ``MaternKernel`` with ``nu`` in {0.5, 1.5, 2.5} (``lam = sqrt(2 nu) / lengthscale``);
 - ``ScaleKernel`` around any supported kernel (multiplies ``Qc`` and ``Pinf`` by the
   ``outputscale``);
-- ``AdditiveKernel`` (what ``k1 + k2`` builds) of supported kernels (block-diagonal stacking).
+- ``AdditiveKernel`` (what ``k1 + k2`` builds) of supported kernels (block-diagonal stacking);
+- ``CosineKernel``: gpytorch's ``k(tau) = cos(pi tau / p)`` (note: ``pi``, not ``2 pi``), an
+  undamped resonator with ``omega = pi / p`` (:func:`.periodic.cosine_sde`);
+- ``ProductKernel`` (what ``k1 * k2`` builds) of supported kernels, through Kronecker structure
+  (:func:`.periodic.product_sde`); e.g. the quasi-periodic ``MaternKernel * PeriodicKernel``.
+
+Supported with a controlled approximation:
+
+- ``PeriodicKernel``: gpytorch's ``k(tau) = exp(-2 sin^2(pi tau / p) / lam)`` (``lam`` =
+  ``lengthscale``, unsquared, i.e. ``ell^2`` of the textbook form) as the cosine series of
+  Solin & Särkkä (2014) truncated at order ``J`` (state dimension ``2 J + 1``); by default the
+  smallest ``J`` whose sup-norm kernel error is ``<= periodic_tol`` (relative to ``k(0)``), see
+  :func:`.periodic.periodic_series`.
 
 Everything is built from the kernels' ``lengthscale`` / ``outputscale`` tensors, so the SDE
 matrices are differentiable with respect to the kernel hyperparameters.
@@ -16,14 +28,26 @@ from __future__ import annotations
 import math
 
 import torch
-from gpytorch.kernels import AdditiveKernel, Kernel, MaternKernel, ScaleKernel
+from gpytorch.kernels import (
+    AdditiveKernel,
+    CosineKernel,
+    Kernel,
+    MaternKernel,
+    PeriodicKernel,
+    ProductKernel,
+    ScaleKernel,
+)
 from torch import Tensor
 
+from .periodic import cosine_sde, periodic_sde, product_sde
 from .sde import LTISDE, stack_sdes
 
 __all__ = ["kernel_to_sde", "matern_sde"]
 
-_SUPPORTED = "MaternKernel(nu=0.5, 1.5 or 2.5), ScaleKernel and sums (AdditiveKernel / k1 + k2)"
+_SUPPORTED = (
+    "MaternKernel(nu=0.5, 1.5 or 2.5), CosineKernel, PeriodicKernel (truncated series), "
+    "ScaleKernel, sums (AdditiveKernel / k1 + k2) and products (ProductKernel / k1 * k2)"
+)
 
 # Kernels with no finite-dimensional SDE, and what to use instead.
 _NO_FINITE_SDE = {
@@ -98,7 +122,12 @@ def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor | None = None) -
 
 
 def kernel_to_sde(
-    kernel: Kernel, dtype: torch.dtype | None = None, device: torch.device | None = None
+    kernel: Kernel,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    *,
+    periodic_order: int | None = None,
+    periodic_tol: float = 1e-6,
 ) -> LTISDE:
     """State-space (SDE) form of a gpytorch kernel on a 1-D input.
 
@@ -110,11 +139,20 @@ def kernel_to_sde(
     dtype, device : optional
         Where to build the matrices; default: those of the kernel's hyperparameters. The
         hyperparameters are cast first, so the result stays differentiable.
+    periodic_order : int, optional
+        Series order ``J`` for every ``PeriodicKernel`` inside ``kernel``; default: chosen per
+        kernel from ``periodic_tol``.
+    periodic_tol : float, default 1e-6
+        Sup-norm error allowed for each (unscaled) ``PeriodicKernel``'s truncated series,
+        ``sup_tau |k(tau) - k_J(tau)| <= periodic_tol`` (relative to ``k(0) = 1``); a
+        ``ScaleKernel`` multiplies the bound by its ``outputscale`` and a product with a kernel
+        bounded by ``|k_2| <= c`` by ``c``.
 
     Returns
     -------
     LTISDE
-        ``k(tau) = H expm(F |tau|) Pinf H^T`` equals ``kernel`` at every lag ``tau``.
+        ``k(tau) = H expm(F |tau|) Pinf H^T`` equals ``kernel`` at every lag ``tau`` (up to
+        the stated truncation error where a ``PeriodicKernel`` is involved).
 
     Raises
     ------
@@ -137,11 +175,27 @@ def kernel_to_sde(
             f"kernel {name} has active_dims {active.tolist()}; the state-space GP has a single "
             "(time) input, so active_dims must be None or [0]"
         )
+    opts = {"dtype": dtype, "device": device}
+    opts_p = {"periodic_order": periodic_order, "periodic_tol": periodic_tol}
     if isinstance(kernel, ScaleKernel):
-        base = kernel_to_sde(kernel.base_kernel, dtype=dtype, device=device)
+        base = kernel_to_sde(kernel.base_kernel, **opts, **opts_p)
         return base.scaled(kernel.outputscale.to(dtype=base.dtype, device=base.device))
     if isinstance(kernel, AdditiveKernel):
-        return stack_sdes([kernel_to_sde(k, dtype=dtype, device=device) for k in kernel.kernels])
+        return stack_sdes([kernel_to_sde(k, **opts, **opts_p) for k in kernel.kernels])
+    if isinstance(kernel, ProductKernel):
+        return product_sde([kernel_to_sde(k, **opts, **opts_p) for k in kernel.kernels])
+    if isinstance(kernel, (CosineKernel, PeriodicKernel)):
+        ard = kernel.period_length.shape[-1]
+        if ard != 1 or kernel.ard_num_dims not in (None, 1):
+            raise ValueError(
+                f"kernel {name} has {ard} period lengths (ard_num_dims); the state-space GP "
+                "has a single (time) input"
+            )
+        period = kernel.period_length.to(**opts).reshape(())
+        if isinstance(kernel, CosineKernel):
+            return cosine_sde(math.pi / period)  # gpytorch: cos(pi tau / p)
+        ell = kernel.lengthscale.to(**opts).reshape(())
+        return periodic_sde(period, ell, order=periodic_order, tol=periodic_tol)
     if isinstance(kernel, MaternKernel):
         if kernel.ard_num_dims not in (None, 1):
             raise ValueError(

@@ -82,8 +82,10 @@ class StateSpaceGP(nn.Module):
 
     The model is ``y_i = f(t_i) + eps_i``, ``f ~ GP(0, k)``, ``eps_i ~ N(0, noise)``, with a
     kernel ``k`` that has an exact state-space form (see
-    :func:`gp.statespace.kernel_to_sde`): Matérn-1/2, 3/2, 5/2, their ``ScaleKernel`` and
-    sums. Cost is O(n d^3) for ``n`` points and state dimension ``d`` (instead of O(n^3)).
+    :func:`gp.statespace.kernel_to_sde`): Matérn-1/2, 3/2, 5/2, ``CosineKernel``,
+    ``PeriodicKernel`` (as a truncated cosine series), their ``ScaleKernel``, sums and
+    products (e.g. quasi-periodic Matérn x periodic). Cost is O(n d^3) for ``n`` points and
+    state dimension ``d`` (instead of O(n^3)).
 
     Usage::
 
@@ -104,6 +106,12 @@ class StateSpaceGP(nn.Module):
         ``O(log n)``-depth parallel scan (:mod:`.parallel`); both are exact and agree to
         rounding. ``"auto"`` uses the parallel scan on CUDA and the sequential loop
         elsewhere (see :func:`gp.statespace.resolve_method`). Can be overridden per call.
+    periodic_order : int, optional
+        Number of harmonics of every ``PeriodicKernel`` (fixed order: the likelihood is then
+        a smooth function of the hyperparameters). Default: the smallest order whose
+        worst-case kernel error is at most ``periodic_tol``.
+    periodic_tol : float, default 1e-6
+        Truncation tolerance of the periodic series when ``periodic_order`` is None.
 
     Attributes
     ----------
@@ -118,9 +126,18 @@ class StateSpaceGP(nn.Module):
     precision there (see :func:`gp.statespace.discretise`) and are better run in float64.
     """
 
-    def __init__(self, kernel: Kernel, noise: float = 0.1, method: str = "auto") -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        noise: float = 0.1,
+        method: str = "auto",
+        *,
+        periodic_order: int | None = None,
+        periodic_tol: float = 1e-6,
+    ) -> None:
         super().__init__()
-        kernel_to_sde(kernel)  # raises a clear ValueError for unsupported kernels
+        self.sde_options = {"periodic_order": periodic_order, "periodic_tol": periodic_tol}
+        kernel_to_sde(kernel, **self.sde_options)  # a clear ValueError for unsupported kernels
         resolve_method(method)  # validates the name
         self.method = method
         self.kernel = kernel
@@ -151,7 +168,7 @@ class StateSpaceGP(nn.Module):
 
     def sde(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> LTISDE:
         """The kernel's state-space form (differentiable in the kernel hyperparameters)."""
-        return kernel_to_sde(self.kernel, dtype=dtype, device=device)
+        return kernel_to_sde(self.kernel, dtype=dtype, device=device, **self.sde_options)
 
     # -- data -----------------------------------------------------------------------------
     def set_data(self, t: Tensor, y: Tensor) -> StateSpaceGP:

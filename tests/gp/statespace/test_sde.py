@@ -115,8 +115,8 @@ def test_rbf_kernel_raises_with_alternative() -> None:
 @pytest.mark.parametrize(
     "kernel, pattern",
     [
-        (PeriodicKernel(), "PeriodicKernel"),
-        (MaternKernel(nu=0.5) * MaternKernel(nu=1.5), "ProductKernel"),
+        (PeriodicKernel(ard_num_dims=2), "PeriodicKernel"),
+        (MaternKernel(nu=0.5) * RBFKernel(), "RBFKernel"),
         (MaternKernel(nu=1.5, batch_shape=torch.Size([2])), "batch_shape"),
         (MaternKernel(nu=1.5, ard_num_dims=2), "ard_num_dims"),
         (MaternKernel(nu=1.5, active_dims=[1]), "active_dims"),
