@@ -1,0 +1,17 @@
+"""Batched kernel evaluation in row tiles of bounded memory (CPU or GPU)."""
+
+from .matvec import (
+    TILE_BYTES,
+    cross_covariance_chunks,
+    default_tile_size,
+    kernel_diag,
+    kernel_matvec,
+)
+
+__all__ = [
+    "TILE_BYTES",
+    "cross_covariance_chunks",
+    "default_tile_size",
+    "kernel_diag",
+    "kernel_matvec",
+]
