@@ -65,6 +65,18 @@ def _noise_vector(noise: Tensor, n: int) -> Tensor:
     return noise.reshape(-1).expand(n) if noise.numel() == 1 else noise.reshape(n)
 
 
+def _filter_inputs(
+    A: Tensor, Q: Tensor, H: Tensor, Pinf: Tensor, y: Tensor, noise: Tensor
+) -> tuple[int, int, Tensor, Tensor]:
+    """Validate a filter's inputs; return ``n``, state size ``d``, ``h`` (d,) and noise (n,)."""
+    n = y.shape[0]
+    if y.dim() != 1 or n == 0:
+        raise ValueError(f"y must have shape (n,) with n >= 1, got {tuple(y.shape)}")
+    _check_model(A, Q, H, Pinf, n)
+    d = Pinf.shape[-1]
+    return n, d, H.reshape(d), _noise_vector(noise, n)
+
+
 def kalman_filter(
     A: Tensor,
     Q: Tensor,
@@ -102,14 +114,8 @@ def kalman_filter(
     -------
     FilterResult
     """
-    n = y.shape[0]
-    if y.dim() != 1 or n == 0:
-        raise ValueError(f"y must have shape (n,) with n >= 1, got {tuple(y.shape)}")
-    _check_model(A, Q, H, Pinf, n)
-    d = Pinf.shape[-1]
-    h = H.reshape(d)
+    n, d, h, R = _filter_inputs(A, Q, H, Pinf, y, noise)
     eye = torch.eye(d, dtype=Pinf.dtype, device=Pinf.device)
-    R = _noise_vector(noise, n)
     observed = (~torch.isnan(y)).tolist()  # one host sync, not one per step
     skip = [False] * max(n - 1, 0) if zero_step is None else zero_step.tolist()
     A_k, Q_k, y_k, R_k = A.unbind(0), Q.unbind(0), y.unbind(0), R.unbind(0)

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .kalman import FilterResult, _check_model, _noise_vector
+from .kalman import FilterResult, _filter_inputs
 
 __all__ = [
     "associative_scan",
@@ -215,10 +215,7 @@ def filtering_elements(
     tuple (A, b, C, eta, J)
         Shapes (n, d, d), (n, d), (n, d, d), (n, d), (n, d, d).
     """
-    n = y.shape[0]
-    d = Pinf.shape[-1]
-    h = H.reshape(d)
-    R = _noise_vector(noise, n)
+    n, d, h, R = _filter_inputs(A, Q, H, Pinf, y, noise)
     obs = ~torch.isnan(y)
     y0 = torch.where(obs, y, torch.zeros_like(y))  # no NaN anywhere on the graph
     obs_f = obs.to(Pinf.dtype)
@@ -290,13 +287,7 @@ def parallel_kalman_filter(
     -------
     FilterResult
     """
-    n = y.shape[0]
-    if y.dim() != 1 or n == 0:
-        raise ValueError(f"y must have shape (n,) with n >= 1, got {tuple(y.shape)}")
-    _check_model(A, Q, H, Pinf, n)
-    d = Pinf.shape[-1]
-    h = H.reshape(d)
-    R = _noise_vector(noise, n)
+    n, d, h, R = _filter_inputs(A, Q, H, Pinf, y, noise)
     elems = filtering_elements(A, Q, H, Pinf, y, noise)
     _, m, P, _, _ = associative_scan(filtering_operator, elems)
     pred_mean = torch.cat([m.new_zeros(1, d), (A @ m[:-1].unsqueeze(-1)).squeeze(-1)])
