@@ -2,21 +2,28 @@
 
 Available now: :class:`ExactGP` (exact by default: Cholesky with bounded, reported jitter and an
 analytic log-marginal-likelihood gradient), :class:`StateSpaceGP` (exact O(n) Kalman inference
-for time series) and memory-bounded kernel products (:func:`kernel_matvec`). Sparse GPs
-follow; the posterior types every model returns are re-exported here.
+for time series) and memory-bounded kernel products (:func:`kernel_matvec`). Hyperparameters
+are fitted by :func:`fit_hyperparameters` (type-II maximum likelihood), and
+:class:`GPRegressor` / :class:`StateSpaceGPRegressor` wrap the models as scikit-learn
+estimators. Sparse GPs follow; the posterior types every model returns are re-exported here.
 """
 
 from bdl.posterior import GaussianPosterior, Posterior
+from gp.estimators import GPRegressor, StateSpaceGPRegressor
 from gp.exact import ExactGP
+from gp.fitting import fit_hyperparameters
 from gp.kernels import cross_covariance_chunks, kernel_diag, kernel_matvec
 from gp.statespace import StateSpaceGP, kernel_to_sde
 
 __all__ = [
     "ExactGP",
+    "GPRegressor",
     "GaussianPosterior",
     "Posterior",
     "StateSpaceGP",
+    "StateSpaceGPRegressor",
     "cross_covariance_chunks",
+    "fit_hyperparameters",
     "kernel_diag",
     "kernel_matvec",
     "kernel_to_sde",

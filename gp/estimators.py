@@ -1,0 +1,352 @@
+"""scikit-learn estimators over the GP models: :class:`GPRegressor` (exact, Cholesky) and
+:class:`StateSpaceGPRegressor` (exact, Kalman filtering on one time input).
+
+Both standardise the inputs (per column) and the targets with training statistics, fit the
+kernel hyperparameters and the noise by maximising the log marginal likelihood of the
+standardised data (:func:`gp.fit_hyperparameters`), compute in float64 and undo the
+standardisation on output. The GP prior mean is zero on the standardised targets (the
+training mean in original units), as scikit-learn's ``normalize_y=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from gpytorch.kernels import Kernel, MaternKernel, ScaleKernel
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import Tensor, nn
+
+from bdl._validation import check_choice, check_int, check_positive
+from bdl.estimators import _Standardizer
+from bdl.posterior import GaussianPosterior
+from gp.exact import ExactGP
+from gp.fitting import fit_hyperparameters
+from gp.statespace import StateSpaceGP
+
+__all__ = ["GPRegressor", "StateSpaceGPRegressor"]
+
+_DTYPE = torch.float64
+#: largest number of training or requested points for the dense joint covariance of
+#: :meth:`StateSpaceGPRegressor.sample_y`
+MAX_DENSE_SAMPLE = 2000
+
+
+class _GPRegressorBase(RegressorMixin, BaseEstimator):
+    """Shared fit / predict / sample machinery (not public).
+
+    Subclasses define ``_build_model(kernel)``, ``_default_kernel(n_features)`` and
+    ``_joint_posterior(x)``, and may restrict the inputs in ``_check_features``.
+    """
+
+    def _check_params(self) -> None:
+        if self.kernel is not None and not isinstance(self.kernel, Kernel):
+            raise ValueError(
+                f"kernel must be a gpytorch Kernel or None, got {type(self.kernel).__name__}"
+            )
+        check_positive("noise", self.noise)
+        check_choice("optimizer", self.optimizer, ("lbfgs", "adam"))
+        check_int("max_iter", self.max_iter, minimum=0)
+
+    def _check_features(self, X: np.ndarray) -> None:
+        """Hook: raise ValueError for inputs the model cannot take."""
+
+    def _default_kernel(self, n_features: int) -> Kernel:
+        raise NotImplementedError
+
+    def _build_model(self, kernel: Kernel) -> nn.Module:
+        raise NotImplementedError
+
+    def _joint_posterior(self, x: Tensor) -> GaussianPosterior:
+        """Joint latent posterior at standardised inputs ``x`` (n, d), standardised units."""
+        raise NotImplementedError
+
+    def _inputs(self, X) -> Tensor:
+        """Validated, standardised float64 tensor (n, d) of new inputs."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        self._check_features(X)
+        return torch.as_tensor(self.x_scaler_(X), dtype=_DTYPE)
+
+    def fit(self, X, y) -> _GPRegressorBase:
+        """Fit the GP hyperparameters to ``X`` (n, d) and targets ``y`` (n,); returns self.
+
+        Sets ``model_`` (the fitted torch model, on standardised data), ``kernel_`` (its
+        kernel), ``noise_`` (noise variance in original target units), ``loss_curve_``
+        (``-log p(y)`` of the standardised data, see :func:`gp.fit_hyperparameters`),
+        ``n_iter_`` (objective evaluations of L-BFGS, or Adam steps),
+        ``log_marginal_likelihood_value_`` (original units), ``x_scaler_``, ``y_scaler_``.
+        """
+        self._check_params()
+        y_array = np.asarray(y)
+        if y_array.dtype.kind in "USaV":
+            raise ValueError(f"y must be numeric for regression, got dtype {y_array.dtype}")
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
+        self._check_features(X)
+        self.x_scaler_ = _Standardizer(X)
+        self.y_scaler_ = _Standardizer(y)
+        x = torch.as_tensor(self.x_scaler_(X), dtype=_DTYPE)
+        z = torch.as_tensor(self.y_scaler_(y), dtype=_DTYPE)
+        if self.kernel is None:
+            kernel = self._default_kernel(X.shape[1])
+        else:
+            kernel = copy.deepcopy(self.kernel)  # never mutate the parameter
+        model = self._build_model(kernel).to(_DTYPE)
+        model.noise = float(self.noise)  # set again in float64 (the models build in float32)
+        model.set_data(x, z)
+        self.loss_curve_ = fit_hyperparameters(
+            model, optimizer=self.optimizer, max_iter=self.max_iter, verbose=self.verbose
+        )
+        self.n_iter_ = len(self.loss_curve_) - 1  # objective evaluations (Adam: steps)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model_ = model
+        self.kernel_ = model.kernel
+        self.noise_ = float(model.noise.detach()) * float(self.y_scaler_.scale) ** 2
+        self.log_marginal_likelihood_value_ = self.log_marginal_likelihood()
+        return self
+
+    def log_marginal_likelihood(self) -> float:
+        """Log marginal likelihood of the training targets at the fitted hyperparameters.
+
+        In original target units: the model sees ``z = (y - m) / s``, and the change of
+        variables ``y = s z + m`` (Jacobian ``s`` per point) gives
+        ``log p(y) = log p(z) - n log s``. (Standardising the inputs does not change it:
+        it is a density of the targets only.)
+        """
+        check_is_fitted(self)
+        with torch.no_grad():
+            lml = float(self.model_.log_marginal_likelihood())
+        n = int(self.model_.train_y.shape[0])
+        return lml - n * math.log(float(self.y_scaler_.scale))
+
+    def _unstandardise(self, post: GaussianPosterior) -> GaussianPosterior:
+        scale, shift = float(self.y_scaler_.scale), float(self.y_scaler_.mean)
+        mean = post.mean * scale + shift
+        if post.is_joint:
+            return GaussianPosterior(mean, covariance=post.covariance_matrix * scale**2)
+        return GaussianPosterior(mean, variance=post.variance * scale**2)
+
+    def _posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
+        """Marginal (or the model's default) posterior at standardised ``x``."""
+        raise NotImplementedError
+
+    def posterior(self, X, observation_noise: bool = False) -> GaussianPosterior:
+        """Posterior at ``X`` (n, d) in the original target units; mean shape (n, 1).
+
+        Latent function ``f`` unless ``observation_noise=True`` (then ``y = f + eps``),
+        following BoTorch.
+        """
+        with torch.no_grad():
+            post = self._posterior(self._inputs(X), observation_noise)
+        return self._unstandardise(post)
+
+    def predict(self, X, return_std: bool = False):
+        """Predictive mean (n,); with ``return_std`` also the predictive standard deviation
+        of ``y`` (observation noise included)."""
+        x = self._inputs(X)
+        with torch.no_grad():
+            post = self._unstandardise(self._marginal_posterior(x, observation_noise=True))
+        mean = post.mean[:, 0].numpy()
+        return (mean, post.stddev[:, 0].numpy()) if return_std else mean
+
+    def _marginal_posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
+        return self._posterior(x, observation_noise)
+
+    def sample_y(self, X, n_samples: int = 1, random_state=None) -> np.ndarray:
+        """Joint draws of ``y = f + eps`` at the rows of ``X`` from the fitted posterior.
+
+        The points are drawn jointly (full posterior covariance of ``f`` plus independent
+        observation noise), not independently per point.
+
+        Parameters
+        ----------
+        X : array-like, shape (n, d)
+        n_samples : int, default 1
+        random_state : int, RandomState or None
+            Seed of the draws; None uses the estimator's ``random_state`` where it has one,
+            else numpy's global generator.
+
+        Returns
+        -------
+        ndarray, shape (n, n_samples)
+        """
+        check_int("n_samples", n_samples)
+        if random_state is None:
+            random_state = getattr(self, "random_state", None)
+        rng = check_random_state(random_state)
+        x = self._inputs(X)
+        with torch.no_grad():
+            post = self._unstandardise(self._joint_posterior(x))
+            noise = float(self.model_.noise) * float(self.y_scaler_.scale) ** 2
+            post = post.add_observation_noise(noise)
+            base = torch.as_tensor(rng.standard_normal((n_samples, x.shape[0], 1)), dtype=_DTYPE)
+            draws = post.rsample_from_base_samples(torch.Size([n_samples]), base)
+        return draws[..., 0].T.numpy()
+
+
+class GPRegressor(_GPRegressorBase):
+    """Exact GP regression (:class:`gp.ExactGP`) as a scikit-learn regressor.
+
+    Parameters
+    ----------
+    kernel : gpytorch.kernels.Kernel, optional
+        Prior covariance on the *standardised* inputs (initial hyperparameters); deep-copied
+        in ``fit``, never modified. Default: ``ScaleKernel(MaternKernel(nu=2.5,
+        ard_num_dims=d))`` (one length scale per input column).
+    noise : float, default 0.1
+        Initial observation-noise variance in standardised target units.
+    optimizer : {"lbfgs", "adam"}, default "lbfgs"
+        Optimiser of the log marginal likelihood (:func:`gp.fit_hyperparameters`).
+    max_iter : int, default 100
+        Optimiser iterations; 0 keeps the initial hyperparameters (a fixed kernel).
+    random_state : int, RandomState or None
+        Default seed of :meth:`sample_y` (fitting is deterministic).
+    verbose : bool, default False
+        Show a progress bar while fitting.
+
+    Attributes
+    ----------
+    model_ : gp.ExactGP
+        Fitted model on the standardised data.
+    kernel_ : gpytorch.kernels.Kernel
+        Fitted kernel (on standardised inputs and targets).
+    noise_ : float
+        Fitted noise variance in original target units.
+    loss_curve_ : list of float
+        ``-log p(z)`` during fitting (standardised targets).
+    log_marginal_likelihood_value_ : float
+        Log marginal likelihood of the training targets, original units.
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel | None = None,
+        noise: float = 0.1,
+        optimizer: str = "lbfgs",
+        max_iter: int = 100,
+        random_state: int | np.random.RandomState | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.kernel = kernel
+        self.noise = noise
+        self.optimizer = optimizer
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _default_kernel(self, n_features: int) -> Kernel:
+        return ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=n_features))
+
+    def _build_model(self, kernel: Kernel) -> ExactGP:
+        return ExactGP(kernel, noise=float(self.noise), mean="zero")
+
+    def _posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
+        return self.model_.posterior(x, observation_noise=observation_noise, joint=True)
+
+    def _marginal_posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
+        return self.model_.posterior(x, observation_noise=observation_noise, joint=False)
+
+    def _joint_posterior(self, x: Tensor) -> GaussianPosterior:
+        return self.model_.posterior(x, joint=True)
+
+    def posterior(self, X, observation_noise: bool = False) -> GaussianPosterior:
+        """Joint posterior at ``X`` (n, d) in original target units: mean (n, 1), covariance
+        (n, n). Latent ``f`` unless ``observation_noise=True``."""
+        return super().posterior(X, observation_noise)
+
+
+class StateSpaceGPRegressor(_GPRegressorBase):
+    """Exact GP regression on one time input in O(n) (:class:`gp.StateSpaceGP`), as a
+    scikit-learn regressor.
+
+    ``X`` must have exactly one column (the time); times may be unsorted and repeated.
+
+    Parameters
+    ----------
+    kernel : gpytorch.kernels.Kernel, optional
+        Prior covariance with a state-space form (Matérn 1/2, 3/2, 5/2, cosine, periodic,
+        their scalings, sums and products) on the *standardised* time; deep-copied in
+        ``fit``. Default: ``ScaleKernel(MaternKernel(nu=1.5))``.
+    noise : float, default 0.1
+        Initial observation-noise variance in standardised target units.
+    method : {"auto", "sequential", "parallel"}, default "auto"
+        Kalman filtering / smoothing algorithm (see :class:`gp.StateSpaceGP`).
+    optimizer : {"lbfgs", "adam"}, default "lbfgs"
+        Optimiser of the log marginal likelihood.
+    max_iter : int, default 100
+        Optimiser iterations; 0 keeps the initial hyperparameters.
+    verbose : bool, default False
+        Show a progress bar while fitting.
+
+    Attributes
+    ----------
+    model_, kernel_, noise_, loss_curve_, log_marginal_likelihood_value_
+        As for :class:`GPRegressor`.
+
+    Notes
+    -----
+    :meth:`predict` and :meth:`posterior` are O(n) (marginals by RTS smoothing).
+    :meth:`sample_y` needs the joint posterior, which the smoother does not give: it is
+    computed densely from the same kernel and noise (an exact GP on the same data), in
+    O(n^3), and refused with a ValueError when the training set or the requested points
+    exceed ``MAX_DENSE_SAMPLE = 2000``.
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel | None = None,
+        noise: float = 0.1,
+        method: str = "auto",
+        optimizer: str = "lbfgs",
+        max_iter: int = 100,
+        verbose: bool = False,
+    ) -> None:
+        self.kernel = kernel
+        self.noise = noise
+        self.method = method
+        self.optimizer = optimizer
+        self.max_iter = max_iter
+        self.verbose = verbose
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_choice("method", self.method, ("auto", "sequential", "parallel"))
+
+    def _check_features(self, X: np.ndarray) -> None:
+        if X.shape[1] != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs X with exactly one column (the time input), "
+                f"got X with {X.shape[1]} columns"
+            )
+
+    def _default_kernel(self, n_features: int) -> Kernel:
+        return ScaleKernel(MaternKernel(nu=1.5))
+
+    def _build_model(self, kernel: Kernel) -> StateSpaceGP:
+        return StateSpaceGP(kernel, noise=float(self.noise), method=self.method)
+
+    def _posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
+        return self.model_.posterior(x[:, 0], observation_noise=observation_noise)
+
+    def _joint_posterior(self, x: Tensor) -> GaussianPosterior:
+        n_train = int(self.model_.train_t.shape[0])
+        if max(n_train, x.shape[0]) > MAX_DENSE_SAMPLE:
+            raise ValueError(
+                f"sample_y needs the joint posterior, computed densely for at most "
+                f"{MAX_DENSE_SAMPLE} training and requested points; got {n_train} training "
+                f"and {x.shape[0]} requested points"
+            )
+        dense = ExactGP(self.model_.kernel, noise=self.model_.noise.detach(), mean="zero")
+        dense.set_data(self.model_.train_t.unsqueeze(-1), self.model_.train_y)
+        return dense.posterior(x, joint=True)
+
+    def posterior(self, X, observation_noise: bool = False) -> GaussianPosterior:
+        """Posterior marginals at ``X`` (n, 1) in original target units: mean and variance of
+        shape (n, 1). Latent ``f`` unless ``observation_noise=True``."""
+        return super().posterior(X, observation_noise)

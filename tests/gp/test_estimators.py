@@ -1,0 +1,244 @@
+"""GPRegressor and StateSpaceGPRegressor: sklearn contract, references, sampling, errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from gpytorch.kernels import MaternKernel, ScaleKernel
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from gp import GaussianPosterior, GPRegressor, StateSpaceGPRegressor
+
+TINY = dict(max_iter=3)
+
+# StateSpaceGPRegressor takes exactly one input column (the time); these checks fit or
+# predict on X with several columns and get the documented ValueError instead.
+_ONE_COLUMN = "StateSpaceGPRegressor requires X with exactly one column (time input)"
+SS_EXPECTED_FAILED = {
+    name: _ONE_COLUMN
+    for name in [
+        "check_dtype_object",
+        "check_estimators_dtypes",
+        "check_fit_score_takes_y",
+        "check_estimators_fit_returns_self",
+        "check_pipeline_consistency",
+        "check_estimators_nan_inf",
+        "check_estimators_overwrite_params",
+        "check_estimators_pickle",
+        "check_f_contiguous_array_estimator",
+        "check_fit2d_predict1d",
+        "check_methods_subset_invariance",
+        "check_fit2d_1sample",
+        "check_dict_unchanged",
+        "check_dont_overwrite_parameters",
+        "check_fit_idempotent",
+        "check_fit_check_is_fitted",
+        "check_n_features_in",
+        "check_regressors_train",
+        "check_regressor_data_not_an_array",
+        "check_regressors_no_decision_function",
+        "check_supervised_y_2d",
+        "check_regressors_int",
+        "check_methods_sample_order_invariance",
+        "check_n_features_in_after_fitting",
+        "check_positive_only_tag_during_fit",
+        "check_readonly_memmap_input",
+        "check_non_transformer_estimators_n_iter",
+        "check_estimators_pickle(readonly_memmap=True)",
+    ]
+}
+
+
+def _expected_failed(estimator):
+    return SS_EXPECTED_FAILED if isinstance(estimator, StateSpaceGPRegressor) else {}
+
+
+@parametrize_with_checks(
+    [GPRegressor(**TINY), StateSpaceGPRegressor(**TINY)], expected_failed_checks=_expected_failed
+)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+DT = torch.float64
+
+
+def _data(n: int = 30, d: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 4, size=(n, d)) * np.arange(1, d + 1)
+    y = 3.0 * np.sin(X).sum(1) + 5.0 + 0.2 * rng.standard_normal(n)
+    return X, y
+
+
+def _fixed_kernel(nu: float, lengthscale, outputscale: float, ard: int | None = None):
+    kernel = ScaleKernel(MaternKernel(nu=nu, ard_num_dims=ard)).to(DT)
+    kernel.base_kernel.lengthscale = torch.as_tensor(np.asarray(lengthscale), dtype=DT)
+    kernel.outputscale = outputscale
+    return kernel
+
+
+def test_fit_predict_posterior_and_units():
+    X, y = _data()
+    model = GPRegressor(random_state=0).fit(X, y)
+    assert model.n_iter_ >= 1 and model.loss_curve_[-1] < model.loss_curve_[0]
+    mean, std = model.predict(X[:5], return_std=True)
+    assert mean.shape == std.shape == (5,) and np.all(std > 0)
+    assert model.score(X, y) > 0.9
+    post = model.posterior(X[:5])
+    assert isinstance(post, GaussianPosterior) and post.is_joint and post.mean.shape == (5, 1)
+    noisy = model.posterior(X[:5], observation_noise=True)
+    np.testing.assert_allclose(noisy.mean[:, 0].numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(noisy.stddev[:, 0].numpy(), std, rtol=1e-10)
+    np.testing.assert_allclose(noisy.variance - post.variance, model.noise_, rtol=1e-10)
+
+
+def test_kernel_parameter_is_not_mutated():
+    X, y = _data()
+    kernel = _fixed_kernel(2.5, [[0.8, 1.3]], 1.2, ard=2)
+    before = {k: v.clone() for k, v in kernel.state_dict().items()}
+    model = GPRegressor(kernel=kernel, max_iter=20).fit(X, y)
+    assert model.kernel is kernel and model.kernel_ is not kernel
+    after = kernel.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(model.kernel_.base_kernel.lengthscale, kernel.base_kernel.lengthscale)
+
+
+@pytest.mark.parametrize("est", [GPRegressor(max_iter=5), StateSpaceGPRegressor(max_iter=5)])
+def test_pickle_round_trip(est):
+    X, y = _data(d=1)
+    model = est.fit(X, y)
+    loaded = pickle.loads(pickle.dumps(model))
+    X_new = np.linspace(-3, 5, 17)[:, None]
+    for a, b in zip(
+        model.predict(X_new, return_std=True), loaded.predict(X_new, return_std=True), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.log_marginal_likelihood() == model.log_marginal_likelihood()
+
+
+def test_matches_sklearn_gaussian_process_regressor_with_fixed_hyperparameters():
+    X, y = _data(n=25, d=2)
+    ls, scale, noise = np.array([0.8, 1.3]), 1.2, 0.05
+    ours = GPRegressor(kernel=_fixed_kernel(2.5, [ls], scale, ard=2), noise=noise, max_iter=0)
+    ours.fit(X, y)
+    # we standardise X, so our length scales are in units of X.std(0); sklearn's normalize_y
+    # standardises y (ddof=0) like ours, and WhiteKernel puts the noise into predict's std
+    sk_kernel = ConstantKernel(scale, "fixed") * Matern(
+        ls * X.std(0), "fixed", nu=2.5
+    ) + WhiteKernel(noise, "fixed")
+    sk = GaussianProcessRegressor(sk_kernel, alpha=0.0, optimizer=None, normalize_y=True)
+    sk.fit(X, y)
+    X_new = np.random.default_rng(1).uniform(-3, 9, size=(40, 2))
+    mean, std = ours.predict(X_new, return_std=True)
+    sk_mean, sk_std = sk.predict(X_new, return_std=True)
+    np.testing.assert_allclose(mean, sk_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std, sk_std, rtol=1e-6, atol=1e-6)
+    # sklearn reports the LML of the standardised targets; ours is in original units
+    expected = sk.log_marginal_likelihood_value_ - len(y) * np.log(y.std())
+    assert ours.log_marginal_likelihood() == pytest.approx(expected, abs=1e-6)
+
+
+def test_log_marginal_likelihood_is_the_density_of_the_raw_targets():
+    X, y = _data(n=20, d=1)
+    model = GPRegressor(max_iter=10).fit(X, y)
+    x = torch.as_tensor(model.x_scaler_(X), dtype=DT)
+    with torch.no_grad():
+        K = model.kernel_(x).to_dense() + model.model_.noise * torch.eye(len(y), dtype=DT)
+    s = y.std()
+    dist = torch.distributions.MultivariateNormal(
+        torch.full((len(y),), y.mean(), dtype=DT), covariance_matrix=s**2 * K
+    )
+    assert model.log_marginal_likelihood() == pytest.approx(
+        float(dist.log_prob(torch.as_tensor(y))), abs=1e-8
+    )
+    assert model.log_marginal_likelihood_value_ == model.log_marginal_likelihood()
+
+
+def test_statespace_equals_exact_with_the_same_fixed_kernel():
+    X, y = _data(n=40, d=1)
+    kw = dict(noise=0.07, max_iter=0)
+    ss = StateSpaceGPRegressor(kernel=_fixed_kernel(1.5, 0.6, 1.3), **kw).fit(X, y)
+    ex = GPRegressor(kernel=_fixed_kernel(1.5, 0.6, 1.3), **kw).fit(X, y)
+    X_new = np.r_[np.linspace(-4, 6, 31), X[:5, 0]][:, None]  # interpolation, extrapolation
+    for a, b in zip(
+        ss.predict(X_new, return_std=True), ex.predict(X_new, return_std=True), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)
+    assert ss.log_marginal_likelihood() == pytest.approx(ex.log_marginal_likelihood(), abs=1e-8)
+    latent_ss, latent_ex = ss.posterior(X_new), ex.posterior(X_new)
+    np.testing.assert_allclose(latent_ss.variance, latent_ex.variance, rtol=1e-8, atol=1e-8)
+    # joint samples: the same draws from the same joint covariance
+    np.testing.assert_allclose(
+        ss.sample_y(X_new, 4, random_state=3), ex.sample_y(X_new, 4, random_state=3),
+        rtol=1e-7, atol=1e-7,
+    )  # fmt: skip
+
+
+def test_sample_y_is_joint():
+    X, y = _data(n=15, d=1)
+    model = GPRegressor(max_iter=20, random_state=0).fit(X, y)
+    X_new = np.array([[0.0], [0.05], [3.0]])
+    S = 20000
+    draws = model.sample_y(X_new, n_samples=S)
+    assert draws.shape == (3, S)
+    np.testing.assert_array_equal(draws, model.sample_y(X_new, n_samples=S))  # random_state=0
+    cov = model.posterior(X_new, observation_noise=True).covariance_matrix.numpy()
+    emp = np.cov(draws)
+    # standard error of a sample covariance: sqrt((c_ii c_jj + c_ij^2) / S); 5 sigma
+    se = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / S)
+    assert np.all(np.abs(emp - cov) < 5 * se)
+    assert cov[0, 1] > 0.5 * np.sqrt(cov[0, 0] * cov[1, 1])  # the joint part is tested
+    mean_se = np.sqrt(np.diag(cov) / S)
+    assert np.all(np.abs(draws.mean(1) - model.predict(X_new)) < 5 * mean_se)
+
+
+def test_statespace_sample_y_refuses_large_problems(monkeypatch):
+    import gp.estimators as module
+
+    X, y = _data(n=12, d=1)
+    model = StateSpaceGPRegressor(max_iter=0).fit(X, y)
+    monkeypatch.setattr(module, "MAX_DENSE_SAMPLE", 10)
+    with pytest.raises(ValueError, match="joint posterior"):
+        model.sample_y(X[:3])
+
+
+@pytest.mark.parametrize("Est", [GPRegressor, StateSpaceGPRegressor])
+def test_bad_input_raises(Est):
+    X, y = _data(n=10, d=1)
+    Xn = X.copy()
+    Xn[3, 0] = np.nan
+    yn = y.copy()
+    yn[2] = np.inf
+    with pytest.raises(ValueError, match="NaN"):
+        Est().fit(Xn, y)
+    with pytest.raises(ValueError):
+        Est().fit(X, yn)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        Est().fit(X, y[:-1])
+    with pytest.raises(ValueError, match="2D array"):
+        Est().fit(X[:, 0], y)
+    with pytest.raises(ValueError, match="noise"):
+        Est(noise=-1.0).fit(X, y)
+    with pytest.raises(ValueError, match="max_iter"):
+        Est(max_iter=-1).fit(X, y)
+    with pytest.raises(ValueError, match="optimizer"):
+        Est(optimizer="sgd").fit(X, y)
+    with pytest.raises(ValueError, match="kernel"):
+        Est(kernel="rbf").fit(X, y)
+    model = Est(max_iter=0).fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        model.predict(np.c_[X, X])
+    with pytest.raises(ValueError, match="NaN"):
+        model.predict(Xn)
+
+
+def test_statespace_rejects_several_columns():
+    X, y = _data(n=10, d=2)
+    with pytest.raises(ValueError, match="exactly one column"):
+        StateSpaceGPRegressor().fit(X, y)
