@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ _DTYPE = torch.float64
 MAX_DENSE_SAMPLE = 2000
 
 
-class _GPRegressorBase(RegressorMixin, BaseEstimator):
+class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
     """Shared fit / predict / sample machinery (not public).
 
     Subclasses define ``_build_model(kernel)``, ``_default_kernel(n_features)`` and
@@ -55,15 +56,17 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator):
     def _check_features(self, X: np.ndarray) -> None:
         """Hook: raise ValueError for inputs the model cannot take."""
 
+    @abstractmethod
     def _default_kernel(self, n_features: int) -> Kernel:
-        raise NotImplementedError
+        """Kernel used when ``kernel=None``."""
 
+    @abstractmethod
     def _build_model(self, kernel: Kernel) -> nn.Module:
-        raise NotImplementedError
+        """The torch GP model around ``kernel``."""
 
+    @abstractmethod
     def _joint_posterior(self, x: Tensor) -> GaussianPosterior:
         """Joint latent posterior at standardised inputs ``x`` (n, d), standardised units."""
-        raise NotImplementedError
 
     def _inputs(self, X) -> Tensor:
         """Validated, standardised float64 tensor (n, d) of new inputs."""
@@ -132,9 +135,9 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator):
             return GaussianPosterior(mean, covariance=post.covariance_matrix * scale**2)
         return GaussianPosterior(mean, variance=post.variance * scale**2)
 
+    @abstractmethod
     def _posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
         """Marginal (or the model's default) posterior at standardised ``x``."""
-        raise NotImplementedError
 
     def posterior(self, X, observation_noise: bool = False) -> GaussianPosterior:
         """Posterior at ``X`` (n, d) in the original target units; mean shape (n, 1).
