@@ -27,14 +27,11 @@ from bdl.estimators import _Standardizer
 from bdl.posterior import GaussianPosterior
 from gp.exact import ExactGP
 from gp.fitting import fit_hyperparameters
-from gp.statespace import StateSpaceGP
+from gp.statespace import StateSpaceGP, StateSpacePosterior
 
 __all__ = ["GPRegressor", "StateSpaceGPRegressor"]
 
 _DTYPE = torch.float64
-#: largest number of training or requested points for the dense joint covariance of
-#: :meth:`StateSpaceGPRegressor.sample_y`
-MAX_DENSE_SAMPLE = 2000
 
 
 class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
@@ -284,6 +281,8 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         Optimiser of the log marginal likelihood.
     max_iter : int, default 100
         Optimiser iterations; 0 keeps the initial hyperparameters.
+    random_state : int, RandomState or None
+        Default seed of :meth:`sample_y` (fitting is deterministic).
     verbose : bool, default False
         Show a progress bar while fitting.
 
@@ -294,11 +293,11 @@ class StateSpaceGPRegressor(_GPRegressorBase):
 
     Notes
     -----
-    :meth:`predict` and :meth:`posterior` are O(n) (marginals by RTS smoothing).
-    :meth:`sample_y` needs the joint posterior, which the smoother does not give: it is
-    computed densely from the same kernel and noise (an exact GP on the same data), in
-    O(n^3), and refused with a ValueError when the training set or the requested points
-    exceed ``MAX_DENSE_SAMPLE = 2000``.
+    :meth:`predict`, :meth:`posterior` and :meth:`sample_y` are O(n + n_new): marginals by
+    RTS smoothing, joint draws by forward-filtering backward-sampling
+    (:class:`gp.statespace.StateSpacePosterior`), with no dense covariance. Only
+    ``posterior(X).covariance_matrix`` (and ``joint_log_prob``) build the dense
+    ``(n_new, n_new)`` joint, when asked for.
     """
 
     def __init__(
@@ -308,6 +307,7 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         method: str = "auto",
         optimizer: str = "lbfgs",
         max_iter: int = 100,
+        random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
     ) -> None:
         self.kernel = kernel
@@ -315,6 +315,7 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         self.method = method
         self.optimizer = optimizer
         self.max_iter = max_iter
+        self.random_state = random_state
         self.verbose = verbose
 
     def _check_params(self) -> None:
@@ -337,19 +338,48 @@ class StateSpaceGPRegressor(_GPRegressorBase):
     def _posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
         return self.model_.posterior(x[:, 0], observation_noise=observation_noise)
 
-    def _joint_posterior(self, x: Tensor) -> GaussianPosterior:
-        n_train = int(self.model_.train_t.shape[0])
-        if max(n_train, x.shape[0]) > MAX_DENSE_SAMPLE:
-            raise ValueError(
-                f"sample_y needs the joint posterior, computed densely for at most "
-                f"{MAX_DENSE_SAMPLE} training and requested points; got {n_train} training "
-                f"and {x.shape[0]} requested points"
-            )
-        dense = ExactGP(self.model_.kernel, noise=self.model_.noise.detach(), mean="zero")
-        dense.set_data(self.model_.train_t.unsqueeze(-1), self.model_.train_y)
-        return dense.posterior(x, joint=True)
+    def _joint_posterior(self, x: Tensor) -> StateSpacePosterior:
+        return self.model_.posterior(x[:, 0])  # joint draws by FFBS, O(n + n_new)
+
+    def _unstandardise(self, post: GaussianPosterior) -> GaussianPosterior:
+        if isinstance(post, StateSpacePosterior):  # keep FFBS sampling: an affine map of f
+            return post.affine(float(self.y_scaler_.scale), float(self.y_scaler_.mean))
+        return super()._unstandardise(post)
+
+    def sample_y(self, X, n_samples: int = 1, random_state=None) -> np.ndarray:
+        """Joint draws of ``y = f + eps`` at the rows of ``X`` from the fitted posterior.
+
+        Forward-filtering backward-sampling over the training and requested times: the
+        draws are jointly distributed as under the full GP posterior covariance of ``f``
+        (plus independent observation noise), at O(n + n_new) cost.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_new, 1)
+        n_samples : int, default 1
+        random_state : int, RandomState or None
+            Seed of the draws; None uses the estimator's ``random_state``.
+
+        Returns
+        -------
+        ndarray, shape (n_new, n_samples)
+        """
+        check_int("n_samples", n_samples)
+        if random_state is None:
+            random_state = self.random_state
+        rng = check_random_state(random_state)
+        x = self._inputs(X)
+        with torch.no_grad():
+            post = self._unstandardise(self._joint_posterior(x))
+            noise = float(self.model_.noise) * float(self.y_scaler_.scale) ** 2
+            post = post.add_observation_noise(noise)
+            shape = (n_samples, *post.base_sample_shape)
+            base = torch.as_tensor(rng.standard_normal(shape), dtype=_DTYPE)
+            draws = post.rsample_from_base_samples(torch.Size([n_samples]), base)
+        return draws[..., 0].T.numpy()
 
     def posterior(self, X, observation_noise: bool = False) -> GaussianPosterior:
-        """Posterior marginals at ``X`` (n, 1) in original target units: mean and variance of
-        shape (n, 1). Latent ``f`` unless ``observation_noise=True``."""
+        """Posterior at ``X`` (n, 1) in original target units: a
+        :class:`gp.statespace.StateSpacePosterior` with marginal mean and variance of shape
+        (n, 1) and joint FFBS draws. Latent ``f`` unless ``observation_noise=True``."""
         return super().posterior(X, observation_noise)

@@ -3,14 +3,25 @@
 A stationary kernel with a rational spectrum is an LTI SDE (:mod:`.kernels`, :mod:`.sde`);
 discretised exactly on the data's time grid (:mod:`.discretise`, :mod:`.grid`), GP regression
 becomes Kalman filtering and RTS smoothing at O(n) cost, sequentially (:mod:`.kalman`) or by
-parallel-in-time scans (:mod:`.parallel`). The user-facing
-model is :class:`StateSpaceGP`.
+parallel-in-time scans (:mod:`.parallel`), for one series or a batch; joint posterior
+draws come from forward-filtering backward-sampling (:mod:`.ffbs`). The user-facing
+model is :class:`StateSpaceGP`. Non-Gaussian likelihoods (:mod:`.likelihoods`: Bernoulli,
+Poisson) use conjugate-computation variational inference on Gaussian sites (:mod:`.cvi`).
 """
 
+from .cvi import CVIConfig, CVIResult, CVISites, cvi_elbo, cvi_posterior, run_cvi
 from .discretise import discretise
+from .ffbs import StateSpacePosterior, backward_sample, psd_factor
 from .grid import TimeGrid, make_grid
 from .kalman import FilterResult, kalman_filter, rts_smoother
 from .kernels import kernel_to_sde, matern_sde
+from .likelihoods import (
+    BernoulliLogitLikelihood,
+    PoissonLikelihood,
+    expected_log_lik,
+    expected_log_lik_grads,
+    predictive_moments,
+)
 from .model import StateSpaceGP
 from .parallel import (
     associative_scan,
@@ -23,12 +34,23 @@ from .sde import LTISDE, stack_sdes
 
 __all__ = [
     "LTISDE",
+    "BernoulliLogitLikelihood",
+    "CVIConfig",
+    "CVIResult",
+    "CVISites",
     "FilterResult",
+    "PoissonLikelihood",
     "StateSpaceGP",
+    "StateSpacePosterior",
     "TimeGrid",
     "associative_scan",
+    "backward_sample",
     "cosine_sde",
+    "cvi_elbo",
+    "cvi_posterior",
     "discretise",
+    "expected_log_lik",
+    "expected_log_lik_grads",
     "kalman_filter",
     "kernel_to_sde",
     "make_grid",
@@ -37,8 +59,11 @@ __all__ = [
     "parallel_rts_smoother",
     "periodic_sde",
     "periodic_series",
+    "predictive_moments",
     "product_sde",
+    "psd_factor",
     "resolve_method",
     "rts_smoother",
+    "run_cvi",
     "stack_sdes",
 ]

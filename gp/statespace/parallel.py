@@ -203,51 +203,69 @@ def filtering_elements(
 
     Parameters
     ----------
-    A, Q : Tensor, shape (n - 1, d, d)
+    A, Q : Tensor, shape (n - 1, d, d) or (..., n - 1, d, d)
     H : Tensor, shape (1, d)
     Pinf : Tensor, shape (d, d)
-    y : Tensor, shape (n,)
-        NaN = missing.
-    noise : Tensor, shape () or (n,)
+    y : Tensor, shape (n,) or (..., n)
+        One row per series; NaN = missing.
+    noise : Tensor, shape () or broadcastable to (..., n)
 
     Returns
     -------
     tuple (A, b, C, eta, J)
-        Shapes (n, d, d), (n, d), (n, d, d), (n, d), (n, d, d).
+        Shapes (..., n, d, d), (..., n, d), (..., n, d, d), (..., n, d), (..., n, d, d), with
+        ``...`` the broadcast batch shape of ``y``, ``A`` and ``Q``.
     """
     n, d, h, R = _filter_inputs(A, Q, H, Pinf, y, noise)
+    batch = torch.broadcast_shapes(y.shape[:-1], A.shape[:-3], Q.shape[:-3])
     obs = ~torch.isnan(y)
     y0 = torch.where(obs, y, torch.zeros_like(y))  # no NaN anywhere on the graph
     obs_f = obs.to(Pinf.dtype)
 
     # first step: update of the prior N(0, Pinf) (no-op when y_0 is missing)
     Ph = Pinf @ h
-    S0 = h @ Ph + R[0]
-    K0 = Ph * (obs_f[0] / S0)
-    b_first = K0 * y0[0]
-    C_first = _sym(Pinf - S0 * torch.outer(K0, K0))
-    zeros_dd = Pinf.new_zeros(1, d, d)
-    zeros_d = Pinf.new_zeros(1, d)
+    S0 = h @ Ph + R[..., 0]  # (...,)
+    K0 = Ph * (obs_f[..., 0] / S0).unsqueeze(-1)
+    b_first = (K0 * y0[..., :1]).expand(*batch, d)
+    C_first = _sym(Pinf - S0[..., None, None] * (K0.unsqueeze(-1) * K0.unsqueeze(-2)))
+    C_first = C_first.expand(*batch, d, d)
+    zeros_dd = Pinf.new_zeros(*batch, 1, d, d)
+    zeros_d = Pinf.new_zeros(*batch, 1, d)
 
-    # remaining steps, batched
-    o, yk, Rk = obs_f[1:], y0[1:], R[1:]
-    Qh = Q @ h  # (n-1, d)
-    S = Qh @ h + Rk  # (n-1,)
+    # remaining steps, batched over time and series
+    o, yk, Rk = obs_f[..., 1:], y0[..., 1:], R[..., 1:]
+    Qh = Q @ h  # (..., n-1, d)
+    S = Qh @ h + Rk  # (..., n-1)
     w = o / S  # 1/S where observed, 0 where missing
-    K = Qh * w[:, None]
-    hF = h @ A  # (n-1, d): h^T F
-    A_el = A - K[:, :, None] * hF[:, None, :]
-    b_el = K * yk[:, None]
-    C_el = _sym(Q - (S * o)[:, None, None] * K[:, :, None] * K[:, None, :])
-    eta_el = hF * (yk * w)[:, None]
-    J_el = w[:, None, None] * hF[:, :, None] * hF[:, None, :]
+    K = Qh * w.unsqueeze(-1)
+    hF = h @ A  # (..., n-1, d): h^T F
+    A_el = A - K.unsqueeze(-1) * hF.unsqueeze(-2)
+    b_el = K * yk.unsqueeze(-1)
+    C_el = _sym(Q - (S * o)[..., None, None] * (K.unsqueeze(-1) * K.unsqueeze(-2)))
+    eta_el = hF * (yk * w).unsqueeze(-1)
+    J_el = w[..., None, None] * (hF.unsqueeze(-1) * hF.unsqueeze(-2))
+
+    def join(first: Tensor, rest: Tensor, event: int) -> Tensor:
+        rest = rest.expand(*batch, n - 1, *rest.shape[rest.dim() - event :])
+        return torch.cat([first, rest], dim=-1 - event)
+
     return (
-        torch.cat([zeros_dd, A_el]),
-        torch.cat([b_first[None], b_el]),
-        torch.cat([C_first[None], C_el]),
-        torch.cat([zeros_d, eta_el]),
-        torch.cat([zeros_dd, J_el]),
+        join(zeros_dd, A_el, 2),
+        join(b_first.unsqueeze(-2), b_el, 1),
+        join(C_first.unsqueeze(-3), C_el, 2),
+        join(zeros_d, eta_el, 1),
+        join(zeros_dd, J_el, 2),
     )
+
+
+def _time_first(elems: Elements, events: Sequence[int]) -> Elements:
+    """Move the time dimension (just before the ``event`` dims) of each element to dim 0."""
+    return tuple(x.movedim(-1 - e, 0) for x, e in zip(elems, events, strict=True))
+
+
+def _time_back(elems: Elements, events: Sequence[int]) -> Elements:
+    """Inverse of :func:`_time_first`."""
+    return tuple(x.movedim(0, -1 - e) for x, e in zip(elems, events, strict=True))
 
 
 def parallel_kalman_filter(
@@ -271,34 +289,42 @@ def parallel_kalman_filter(
         \\log p(y) = \\sum_{k\\,\\mathrm{observed}} \\log N(y_k;\\; h^\\top m_k^-,\\;
         h^\\top P_k^- h + R_k).
 
+    A batch of series (leading dims ``...``) is scanned at once: the scan's operator calls
+    are vectorised over the time elements of a level and over the series.
+
     Parameters
     ----------
-    A, Q : Tensor, shape (n - 1, d, d)
+    A, Q : Tensor, shape (n - 1, d, d) or (..., n - 1, d, d)
     H : Tensor, shape (1, d)
     Pinf : Tensor, shape (d, d)
-    y : Tensor, shape (n,)
+    y : Tensor, shape (n,) or (..., n)
         NaN = missing.
-    noise : Tensor, shape () or (n,)
-    zero_step : Tensor (bool), shape (n - 1,), optional
+    noise : Tensor, shape () or broadcastable to (..., n)
+    zero_step : Tensor (bool), shape (n - 1,) or (..., n - 1), optional
         Accepted for API parity with ``kalman_filter``; not needed (the element algebra
         handles ``A = I``, ``Q = 0`` directly).
 
     Returns
     -------
     FilterResult
+        Moments of shape (..., n, d) / (..., n, d, d); ``log_likelihood`` of shape (...).
     """
     n, d, h, R = _filter_inputs(A, Q, H, Pinf, y, noise)
-    elems = filtering_elements(A, Q, H, Pinf, y, noise)
-    _, m, P, _, _ = associative_scan(filtering_operator, elems)
-    pred_mean = torch.cat([m.new_zeros(1, d), (A @ m[:-1].unsqueeze(-1)).squeeze(-1)])
-    pred_cov = torch.cat([Pinf[None], _sym(A @ P[:-1] @ A.mT + Q)])
+    events = (2, 1, 2, 1, 2)
+    elems = _time_first(filtering_elements(A, Q, H, Pinf, y, noise), events)
+    _, m, P, _, _ = _time_back(associative_scan(filtering_operator, elems), events)
+    batch = m.shape[:-2]
+    pred_mean = torch.cat(
+        [m.new_zeros(*batch, 1, d), (A @ m[..., :-1, :].unsqueeze(-1)).squeeze(-1)], dim=-2
+    )
+    pred_P = _sym(A @ P[..., :-1, :, :] @ A.mT + Q)
+    pred_cov = torch.cat([Pinf.expand(*batch, 1, d, d), pred_P], dim=-3)
     obs = ~torch.isnan(y)
-    if bool(obs.any()):
-        v = y[obs] - pred_mean[obs] @ h
-        S = (pred_cov[obs] @ h) @ h + R[obs]
-        log_lik = -0.5 * (v.pow(2) / S + S.log() + _LOG_2PI).sum()
-    else:  # nothing observed: log p(empty) = 0, kept on the graph of the parameters
-        log_lik = 0.0 * (R.sum() + Pinf.sum())
+    v = torch.where(obs, y, torch.zeros_like(y)) - pred_mean @ h
+    S = (pred_cov @ h) @ h + R
+    terms = -0.5 * (v.pow(2) / S + S.log() + _LOG_2PI)
+    # zero where missing (log p(empty) = 0), kept on the graph of the parameters
+    log_lik = torch.where(obs, terms, torch.zeros_like(terms)).sum(-1)
     return FilterResult(
         mean=m, cov=P, pred_mean=pred_mean, pred_cov=pred_cov, log_likelihood=log_lik
     )
@@ -343,39 +369,44 @@ def smoothing_elements(
         E_k = P_k A_k^\\top (P_{k+1}^-)^{-1}, \\quad g_k = m_k - E_k A_k m_k, \\quad
         L_k = P_k - E_k A_k P_k,
 
-    and ``e_{n-1} = (0, m_{n-1}, P_{n-1})``. Zero steps give exactly ``(I, 0, 0)``.
+    and ``e_{n-1} = (0, m_{n-1}, P_{n-1})``. Zero steps give exactly ``(I, 0, 0)``. The
+    element is the backward conditional ``p(x_k | x_{k+1}, y_{0:k}) = N(E_k x_{k+1} + g_k,
+    L_k)``, also used for backward sampling (:mod:`.ffbs`).
 
     Parameters
     ----------
-    A : Tensor, shape (n - 1, d, d)
+    A : Tensor, shape (n - 1, d, d) or (..., n - 1, d, d)
     filtered : FilterResult
         Output of :func:`parallel_kalman_filter` (or ``kalman_filter``) on the same model.
-    zero_step : Tensor (bool), shape (n - 1,), optional
+    zero_step : Tensor (bool), shape (n - 1,) or (..., n - 1), optional
 
     Returns
     -------
     tuple (E, g, L)
-        Shapes (n, d, d), (n, d), (n, d, d).
+        Shapes (..., n, d, d), (..., n, d), (..., n, d, d).
     """
     m, P = filtered.mean, filtered.cov
-    n, d = m.shape
-    if A.shape[0] != max(n - 1, 0):
-        raise ValueError(f"A must have {n - 1} transition matrices, got {A.shape[0]}")
-    Pk, mk = P[:-1], m[:-1]
-    E = torch.linalg.solve(filtered.pred_cov[1:], A @ Pk).mT  # P_k A^T (P^-)^{-1}
+    n, d = m.shape[-2:]
+    if A.dim() < 3 or A.shape[-3] != max(n - 1, 0):
+        raise ValueError(f"A must have {n - 1} transition matrices, got shape {tuple(A.shape)}")
+    Pk, mk = P[..., :-1, :, :], m[..., :-1, :]
+    E = torch.linalg.solve(filtered.pred_cov[..., 1:, :, :], A @ Pk).mT  # P_k A^T (P^-)^{-1}
     EA = E @ A
     g = mk - (EA @ mk.unsqueeze(-1)).squeeze(-1)
     L = _sym(Pk - EA @ Pk)
     if zero_step is not None and n > 1:
-        z = zero_step.reshape(-1, 1, 1)
-        eye = torch.eye(d, dtype=m.dtype, device=m.device).expand_as(E)
+        z = zero_step[..., None, None]
+        eye = torch.eye(d, dtype=m.dtype, device=m.device)
         E = torch.where(z, eye, E)
-        g = torch.where(z[:, :, 0], torch.zeros_like(g), g)
+        g = torch.where(z[..., 0], torch.zeros_like(g), g)
         L = torch.where(z, torch.zeros_like(L), L)
+    batch = torch.broadcast_shapes(E.shape[:-3], m.shape[:-2])
+    E, g = E.expand(*batch, n - 1, d, d), g.expand(*batch, n - 1, d)
+    L = L.expand(*batch, n - 1, d, d)
     return (
-        torch.cat([E, m.new_zeros(1, d, d)]),
-        torch.cat([g, m[-1:]]),
-        torch.cat([L, P[-1:]]),
+        torch.cat([E, m.new_zeros(*batch, 1, d, d)], dim=-3),
+        torch.cat([g, m[..., -1:, :].expand(*batch, 1, d)], dim=-2),
+        torch.cat([L, P[..., -1:, :, :].expand(*batch, 1, d, d)], dim=-3),
     )
 
 
@@ -389,15 +420,16 @@ def parallel_rts_smoother(
 
     Parameters
     ----------
-    A : Tensor, shape (n - 1, d, d)
+    A : Tensor, shape (n - 1, d, d) or (..., n - 1, d, d)
     filtered : FilterResult
-    zero_step : Tensor (bool), shape (n - 1,), optional
+    zero_step : Tensor (bool), shape (n - 1,) or (..., n - 1), optional
 
     Returns
     -------
-    mean : Tensor, shape (n, d)
-    cov : Tensor, shape (n, d, d)
+    mean : Tensor, shape (..., n, d)
+    cov : Tensor, shape (..., n, d, d)
     """
-    elems = smoothing_elements(A, filtered, zero_step)
-    _, mean, cov = associative_scan(smoothing_operator, elems, reverse=True)
+    events = (2, 1, 2)
+    elems = _time_first(smoothing_elements(A, filtered, zero_step), events)
+    _, mean, cov = _time_back(associative_scan(smoothing_operator, elems, reverse=True), events)
     return mean, cov

@@ -105,8 +105,9 @@ def test_posterior_and_lml_without_data_raise() -> None:
     [
         (torch.tensor([0.0, float("nan")]), torch.zeros(2), "t contains NaN"),
         (torch.tensor([0.0, float("inf")]), torch.zeros(2), "t contains NaN or inf"),
-        (torch.zeros(3, 2), torch.zeros(3), "t must have shape"),
-        (torch.zeros(1, 3, 1), torch.zeros(3), "t must have shape"),
+        (torch.zeros(3, 2), torch.zeros(3), "y has 3 values but t has 2"),  # (3, 2) = batch
+        (torch.zeros(2, 3), torch.zeros(4, 3), "t has batch shape .* must broadcast"),
+        (torch.tensor(1.0), torch.zeros(1), "t must have shape"),
         (torch.zeros(0), torch.zeros(0), "t is empty"),
         (torch.zeros(3), torch.zeros(4), "y has 4 values but t has 3"),
         (torch.zeros(3), torch.zeros(3, 2), "y must have shape"),
