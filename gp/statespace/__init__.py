@@ -14,7 +14,7 @@ from .discretise import discretise
 from .ffbs import StateSpacePosterior, backward_sample, psd_factor
 from .grid import TimeGrid, make_grid
 from .kalman import FilterResult, kalman_filter, rts_smoother
-from .kernels import kernel_to_sde, matern_sde
+from .kernels import constant_sde, kernel_to_sde, matern_sde
 from .likelihoods import (
     BernoulliLogitLikelihood,
     PoissonLikelihood,
@@ -52,6 +52,7 @@ __all__ = [
     "expected_log_lik",
     "expected_log_lik_grads",
     "kalman_filter",
+    "constant_sde",
     "kernel_to_sde",
     "make_grid",
     "matern_sde",

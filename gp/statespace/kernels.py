@@ -3,6 +3,8 @@
 Supported (exact, no approximation):
 
 - ``MaternKernel`` with ``nu`` in {0.5, 1.5, 2.5} (``lam = sqrt(2 nu) / lengthscale``);
+- ``ConstantKernel``: ``k(tau) = c``, a random constant offset (``F = 0``, ``Pinf = c``,
+  state dimension 1);
 - ``ScaleKernel`` around any supported kernel (multiplies ``Qc`` and ``Pinf`` by the
   ``outputscale``);
 - ``AdditiveKernel`` (what ``k1 + k2`` builds) of supported kernels (block-diagonal stacking);
@@ -30,6 +32,7 @@ import math
 import torch
 from gpytorch.kernels import (
     AdditiveKernel,
+    ConstantKernel,
     CosineKernel,
     Kernel,
     MaternKernel,
@@ -42,10 +45,11 @@ from torch import Tensor
 from .periodic import cosine_sde, periodic_sde, product_sde
 from .sde import LTISDE, stack_sdes
 
-__all__ = ["kernel_to_sde", "matern_sde"]
+__all__ = ["constant_sde", "kernel_to_sde", "matern_sde"]
 
 _SUPPORTED = (
-    "MaternKernel(nu=0.5, 1.5 or 2.5), CosineKernel, PeriodicKernel (truncated series), "
+    "MaternKernel(nu=0.5, 1.5 or 2.5), ConstantKernel, CosineKernel, PeriodicKernel "
+    "(truncated series), "
     "ScaleKernel, sums (AdditiveKernel / k1 + k2) and products (ProductKernel / k1 * k2)"
 )
 
@@ -119,6 +123,24 @@ def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor | None = None) -
     H = torch.zeros(1, d, dtype=ell.dtype, device=ell.device)
     H[0, 0] = 1.0
     return LTISDE(F=F, L=L, Qc=Qc, H=H, Pinf=Pinf)
+
+
+def constant_sde(constant: Tensor) -> LTISDE:
+    """SDE of ``k(tau) = c``: a static state ``x(t) = x(0) ~ N(0, c)`` (``F = 0``, ``Qc = 0``).
+
+    Parameters
+    ----------
+    constant : Tensor, shape () or (1,)
+        ``c > 0``.
+
+    Returns
+    -------
+    LTISDE
+        State dimension 1, dtype and device of ``constant``.
+    """
+    c = constant.reshape(1, 1)
+    zero = torch.zeros_like(c)
+    return LTISDE(F=zero, L=torch.ones_like(c), Qc=zero, H=torch.ones_like(c), Pinf=c)
 
 
 def kernel_to_sde(
@@ -196,6 +218,8 @@ def kernel_to_sde(
             return cosine_sde(math.pi / period)  # gpytorch: cos(pi tau / p)
         ell = kernel.lengthscale.to(**opts).reshape(())
         return periodic_sde(period, ell, order=periodic_order, tol=periodic_tol)
+    if isinstance(kernel, ConstantKernel):
+        return constant_sde(kernel.constant.to(dtype=dtype, device=device))
     if isinstance(kernel, MaternKernel):
         if kernel.ard_num_dims not in (None, 1):
             raise ValueError(

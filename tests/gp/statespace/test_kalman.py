@@ -33,7 +33,14 @@ KERNELS = {
     "matern32": lambda: _matern(1.5, 1.1, 0.8),
     "matern52": lambda: _matern(2.5, 1.5, 2.0),
     "sum_12_52": lambda: _matern(0.5, 0.9, 0.6) + _matern(2.5, 2.0, 1.1),
+    "constant_plus_32": lambda: _constant(3.0) + _matern(1.5, 0.6, 1.3),
 }
+
+
+def _constant(c: float) -> gpytorch.kernels.Kernel:
+    k = gpytorch.kernels.ConstantKernel()
+    k.constant = torch.tensor(c)
+    return k
 
 
 def _model(name: str, noise: float = NOISE) -> StateSpaceGP:

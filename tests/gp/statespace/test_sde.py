@@ -42,7 +42,14 @@ def kernels() -> dict[str, gpytorch.kernels.Kernel]:
         "scale_matern52": _matern(2.5, 0.4, 2.0),
         "sum_12_52": _matern(0.5, 0.7, 1.3) + _matern(2.5, 2.5, 0.5),
         "scale_of_sum": ScaleKernel(AdditiveKernel(_matern(1.5, 0.3), _matern(2.5, 3.0))).to(DT),
+        "constant_plus_matern": _constant(2.5) + _matern(1.5, 0.6, 0.7),
     }
+
+
+def _constant(c: float) -> gpytorch.kernels.Kernel:
+    k = gpytorch.kernels.ConstantKernel()
+    k.constant = torch.tensor(c)
+    return k.to(DT)
 
 
 @pytest.mark.parametrize("name", list(kernels()))
