@@ -2,10 +2,12 @@
 
 Available now: :class:`ExactGP` (exact by default: Cholesky with bounded, reported jitter and an
 analytic log-marginal-likelihood gradient), :class:`StateSpaceGP` (exact O(n) Kalman inference
-for time series) and memory-bounded kernel products (:func:`kernel_matvec`). Hyperparameters
+for time series), :class:`SVGP` (sparse variational GP with Gaussian, Bernoulli, Poisson or
+softmax likelihoods, minibatch training with natural gradients) and memory-bounded kernel
+products (:func:`kernel_matvec`). Hyperparameters
 are fitted by :func:`fit_hyperparameters` (type-II maximum likelihood), and
 :class:`GPRegressor` / :class:`StateSpaceGPRegressor` wrap the models as scikit-learn
-estimators. Sparse GPs follow; the posterior types every model returns are re-exported here.
+estimators. The posterior types every model returns are re-exported here.
 """
 
 from bdl.posterior import GaussianPosterior, Posterior
@@ -13,6 +15,7 @@ from gp.estimators import GPRegressor, StateSpaceGPRegressor
 from gp.exact import ExactGP
 from gp.fitting import fit_hyperparameters
 from gp.kernels import cross_covariance_chunks, kernel_diag, kernel_matvec
+from gp.sparse import SVGP, PoissonLikelihood, select_inducing_points
 from gp.statespace import StateSpaceGP, kernel_to_sde
 
 __all__ = [
@@ -20,6 +23,8 @@ __all__ = [
     "GPRegressor",
     "GaussianPosterior",
     "Posterior",
+    "PoissonLikelihood",
+    "SVGP",
     "StateSpaceGP",
     "StateSpaceGPRegressor",
     "cross_covariance_chunks",
@@ -27,4 +32,5 @@ __all__ = [
     "kernel_diag",
     "kernel_matvec",
     "kernel_to_sde",
+    "select_inducing_points",
 ]

@@ -1,0 +1,13 @@
+"""Sparse variational Gaussian processes (SVGP) and sparse-within-sparse GPs (SWSGP)."""
+
+from .initialisation import nearest_neighbour_noise_variance, select_inducing_points
+from .likelihoods import PoissonLikelihood, make_likelihood
+from .svgp import SVGP
+
+__all__ = [
+    "SVGP",
+    "PoissonLikelihood",
+    "make_likelihood",
+    "nearest_neighbour_noise_variance",
+    "select_inducing_points",
+]
