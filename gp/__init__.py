@@ -15,7 +15,7 @@ from gp.estimators import GPRegressor, StateSpaceGPRegressor
 from gp.exact import ExactGP
 from gp.fitting import fit_hyperparameters
 from gp.kernels import cross_covariance_chunks, kernel_diag, kernel_matvec
-from gp.sparse import SVGP, PoissonLikelihood, select_inducing_points
+from gp.sparse import SVGP, SWSGP, PoissonLikelihood, select_inducing_points
 from gp.statespace import StateSpaceGP, kernel_to_sde
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Posterior",
     "PoissonLikelihood",
     "SVGP",
+    "SWSGP",
     "StateSpaceGP",
     "StateSpaceGPRegressor",
     "cross_covariance_chunks",

@@ -3,9 +3,11 @@
 from .initialisation import nearest_neighbour_noise_variance, select_inducing_points
 from .likelihoods import PoissonLikelihood, make_likelihood
 from .svgp import SVGP
+from .swsgp import SWSGP
 
 __all__ = [
     "SVGP",
+    "SWSGP",
     "PoissonLikelihood",
     "make_likelihood",
     "nearest_neighbour_noise_variance",
