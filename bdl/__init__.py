@@ -12,12 +12,15 @@ from bdl.lastlayer import (
     VBLLRegression,
 )
 from bdl.posterior import CategoricalPosterior, GaussianPosterior, Posterior, SamplePosterior
+from bdl.sgmcmc.estimators import SGMCMCClassifier, SGMCMCRegressor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VBLLRegressor",
     "VBLLClassifier",
+    "SGMCMCRegressor",
+    "SGMCMCClassifier",
     "Posterior",
     "GaussianPosterior",
     "CategoricalPosterior",

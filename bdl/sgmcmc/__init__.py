@@ -21,16 +21,20 @@ With ``lr = eta * N`` the SGLD step is
 - :class:`StructuredSampler`: structured SG-MCMC (S-SGMCMC, Alexos et al. 2022) over parameter
   groups (:func:`layer_groups`, :func:`neuron_groups`, :func:`random_groups`), full and dropout
   variants, with a ring or reservoir :class:`ChainBuffer` of past samples.
+- :class:`SGMCMCClassifier`, :class:`SGMCMCRegressor`: scikit-learn estimators (cyclical
+  SGHMC on an MLP) whose defaults pick the step size with :func:`suggest_lr`.
 """
 
 from bdl.sgmcmc._base import NonFiniteGradientError, SGMCMCOptimizer
 from bdl.sgmcmc.collector import SampleCollector
 from bdl.sgmcmc.diagnostics import effective_sample_size, rhat
+from bdl.sgmcmc.estimators import SGMCMCClassifier, SGMCMCRegressor
 from bdl.sgmcmc.groups import groups_from_names, layer_groups, neuron_groups, random_groups
 from bdl.sgmcmc.psgld import PSGLD
 from bdl.sgmcmc.schedule import CyclicalSchedule
 from bdl.sgmcmc.sghmc import SGHMC
 from bdl.sgmcmc.sgld import SGLD
+from bdl.sgmcmc.stepsize import hessian_max_eigenvalue, initial_square_avg, suggest_lr
 from bdl.sgmcmc.structured import ChainBuffer, StructuredSampler
 
 __all__ = [
@@ -49,4 +53,9 @@ __all__ = [
     "neuron_groups",
     "random_groups",
     "groups_from_names",
+    "SGMCMCClassifier",
+    "SGMCMCRegressor",
+    "suggest_lr",
+    "hessian_max_eigenvalue",
+    "initial_square_avg",
 ]
