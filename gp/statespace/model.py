@@ -14,6 +14,7 @@ from bdl.posterior import GaussianPosterior
 
 from .cvi import CVIConfig, CVISites, cvi_elbo, cvi_posterior
 from .discretise import discretise
+from .fast import fast_log_marginal_likelihood, numba_available
 from .ffbs import StateSpacePosterior
 from .grid import make_grid
 from .kalman import FilterResult, kalman_filter, rts_smoother
@@ -128,11 +129,15 @@ class StateSpaceGP(nn.Module):
     noise : float, default 0.1
         Initial observation-noise variance, > 0. Stored as ``raw_noise`` with
         ``noise = softplus(raw_noise)``.
-    method : {"auto", "sequential", "parallel"}, default "auto"
-        Filtering/smoothing algorithm: the sequential Kalman loop (:mod:`.kalman`), or the
-        ``O(log n)``-depth parallel scan (:mod:`.parallel`); both are exact and agree to
-        rounding. ``"auto"`` uses the parallel scan on CUDA and the sequential loop
-        elsewhere (see :func:`gp.statespace.resolve_method`). Can be overridden per call.
+    method : {"auto", "fast", "parallel", "sequential"}, default "auto"
+        Algorithm; all are exact and agree to rounding. ``"sequential"``: the Kalman loop in
+        torch (:mod:`.kalman`). ``"parallel"``: ``O(log n)``-depth associative scans
+        (:mod:`.parallel`). ``"fast"``: the log marginal likelihood and its gradient by a
+        compiled filter with a hand-written adjoint (:mod:`.fast`; numba, ``pip install
+        bdlgp[fast]``; without numba it falls back to the parallel scan) — smoothing and
+        batches of series use the parallel scan. ``"auto"``: ``"fast"`` for one Gaussian
+        series on CPU when numba is installed, the parallel scan otherwise. Can be
+        overridden per call.
     periodic_order : int, optional
         Number of harmonics of every ``PeriodicKernel`` (fixed order: the likelihood is then
         a smooth function of the hyperparameters). Default: the smallest order whose
@@ -266,6 +271,16 @@ class StateSpaceGP(nn.Module):
         result = run(A, Q, sde.H, sde.Pinf, y, noise, zero_step=zero_step)
         return A, result, sde
 
+    @staticmethod
+    def _use_fast(requested: str, t: Tensor, y: Tensor, device: torch.device) -> bool:
+        """Whether the compiled LML path (:mod:`.fast`) handles this call: one series, and
+        ``"fast"`` asked for, or ``"auto"`` on CPU with numba installed."""
+        if t.dim() != 1 or y.dim() != 1:
+            return False  # batches of series: the (vectorised) parallel scan
+        if requested == "fast":
+            return True
+        return requested == "auto" and device.type == "cpu" and numba_available()
+
     def log_marginal_likelihood(
         self, t: Tensor | None = None, y: Tensor | None = None, method: str | None = None
     ) -> Tensor:
@@ -286,7 +301,7 @@ class StateSpaceGP(nn.Module):
         t, y : Tensor, optional
             Data, shapes as in :meth:`set_data`; default: the data given to
             :meth:`set_data`.
-        method : {"auto", "sequential", "parallel"}, optional
+        method : {"auto", "fast", "parallel", "sequential"}, optional
             Overrides the constructor's ``method`` for this call.
 
         Returns
@@ -296,7 +311,13 @@ class StateSpaceGP(nn.Module):
         """
         t, y = self._resolve_data(t, y)
         dtype, device = _common(t=t, y=y)
-        method = resolve_method(self.method if method is None else method, device)
+        requested = self.method if method is None else method
+        method = resolve_method(requested, device)
+        if self.likelihood is None and self._use_fast(requested, t, y, device):
+            grid = make_grid(t.to(dtype), y.to(dtype))
+            sde = self.sde(dtype=dtype, device=device)
+            noise = self.noise.to(dtype=dtype, device=device)
+            return fast_log_marginal_likelihood(sde, grid.dt, grid.y, noise)
         if self.likelihood is not None:  # non-Gaussian: the CVI lower bound (.cvi)
             sde = self.sde(dtype=dtype, device=device)
             return cvi_elbo(
@@ -330,8 +351,9 @@ class StateSpaceGP(nn.Module):
         observation_noise : bool, default False
             Add the noise variance (predictive of ``y``) instead of the latent ``f``
             (Gaussian likelihood only).
-        method : {"auto", "sequential", "parallel"}, optional
-            Overrides the constructor's ``method`` for this call.
+        method : {"auto", "fast", "parallel", "sequential"}, optional
+            Overrides the constructor's ``method`` for this call (``"auto"`` and ``"fast"``
+            smooth with the parallel scan).
 
         Returns
         -------

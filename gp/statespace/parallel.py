@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_METHODS = ("sequential", "parallel", "auto")
+_METHODS = ("sequential", "parallel", "fast", "auto")
 
 Elements = tuple[Tensor, ...]
 
@@ -51,15 +51,18 @@ Elements = tuple[Tensor, ...]
 def resolve_method(
     method: str, device: torch.device | str | None = None
 ) -> Literal["sequential", "parallel"]:
-    """Choose the filtering algorithm.
+    """Choose the filtering / smoothing algorithm.
 
     Parameters
     ----------
-    method : {"sequential", "parallel", "auto"}
-        ``"auto"`` picks ``"parallel"`` on CUDA devices (where the ``O(log n)``-depth scan
-        wins) and ``"sequential"`` elsewhere (on CPU the plain loop does less work).
+    method : {"sequential", "parallel", "fast", "auto"}
+        ``"auto"`` and ``"fast"`` pick ``"parallel"``: the associative scan does more
+        arithmetic than the loop but far fewer (batched) torch operations, and is the faster
+        torch path on CPU as well as CUDA (see ``benchmarks/RESULTS.md``). ``"fast"`` names
+        the compiled log-marginal-likelihood path of :class:`gp.statespace.StateSpaceGP`,
+        which has no smoother of its own.
     device : torch.device or str, optional
-        Device the computation runs on; default CPU.
+        Device the computation runs on; default CPU (kept for callers that dispatch on it).
 
     Returns
     -------
@@ -67,10 +70,8 @@ def resolve_method(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if method != "auto":
-        return method  # type: ignore[return-value]
-    device = torch.device("cpu" if device is None else device)
-    return "parallel" if device.type == "cuda" else "sequential"
+    torch.device("cpu" if device is None else device)  # validates the device
+    return "sequential" if method == "sequential" else "parallel"
 
 
 # ----------------------------------------------------------------------------------- scan

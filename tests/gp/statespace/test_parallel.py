@@ -210,15 +210,13 @@ def test_float32_long_series_close_to_float64(n: int) -> None:
 
 
 def test_resolve_method() -> None:
-    assert resolve_method("auto", torch.device("cpu")) == "sequential"
-    assert resolve_method("auto", torch.device("cuda")) == "parallel"
-    assert resolve_method("auto", "cuda:1") == "parallel"
-    assert resolve_method("auto") == "sequential"
-    for method in ("sequential", "parallel"):
-        assert resolve_method(method, torch.device("cuda")) == method
-        assert resolve_method(method, torch.device("cpu")) == method
+    for device in (None, "cpu", torch.device("cpu"), torch.device("cuda"), "cuda:1"):
+        assert resolve_method("auto", device) == "parallel"
+        assert resolve_method("fast", device) == "parallel"  # smoothing of "fast" is the scan
+        assert resolve_method("sequential", device) == "sequential"
+        assert resolve_method("parallel", device) == "parallel"
     with pytest.raises(ValueError, match="method"):
-        resolve_method("fast", torch.device("cpu"))
+        resolve_method("scan", torch.device("cpu"))
 
 
 def test_model_method_argument() -> None:
@@ -232,17 +230,45 @@ def test_model_method_argument() -> None:
         model.log_marginal_likelihood(t.float(), y.float(), method="scan")
 
 
-def test_auto_uses_sequential_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     import gp.statespace.model as model_module
 
     def fail(*args: object, **kwargs: object) -> None:
-        raise AssertionError("parallel filter used on CPU with method='auto'")
+        raise AssertionError("forbidden path used")
 
-    monkeypatch.setattr(model_module, "parallel_kalman_filter", fail)
-    monkeypatch.setattr(model_module, "parallel_rts_smoother", fail)
+    for name in names:
+        monkeypatch.setattr(model_module, name, fail)
+
+
+def test_auto_uses_the_compiled_lml_on_cpu_when_numba_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gp.statespace.model as model_module
+
+    t, y = _data(12)
+    model = _model("matern32", method="auto")
+    expected = model.log_marginal_likelihood(t, y, method="sequential")
+    monkeypatch.setattr(model_module, "numba_available", lambda: True)
+    _forbid(monkeypatch, "kalman_filter", "parallel_kalman_filter")
+    torch.testing.assert_close(model.log_marginal_likelihood(t, y), expected, rtol=1e-10, atol=0)
+
+
+def test_auto_uses_the_parallel_scan_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gp.statespace.model as model_module
+
+    monkeypatch.setattr(model_module, "numba_available", lambda: False)
+    _forbid(monkeypatch, "kalman_filter", "rts_smoother", "fast_log_marginal_likelihood")
     t, y = _data(12)
     model = _model("matern32", method="auto")
     model.log_marginal_likelihood(t, y)
     model.set_data(t, y).posterior(t)
-    with pytest.raises(AssertionError, match="parallel"):
-        model.log_marginal_likelihood(t, y, method="parallel")
+
+
+def test_fast_method_batches_and_smoothing_use_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid(monkeypatch, "kalman_filter", "rts_smoother")
+    t, y = _data(12)
+    model = _model("matern32", method="fast")
+    single = model.log_marginal_likelihood(t, y)
+    batch = model.log_marginal_likelihood(t, torch.stack([y, y]))
+    torch.testing.assert_close(batch, torch.stack([single, single]), rtol=1e-10, atol=0)
+    model.set_data(t, y).posterior(t)
