@@ -9,7 +9,8 @@ a measurement stay missing) is modelled as
     y = f + Gaussian noise.
 
 Every component has an exact state-space form, so inference is an O(n) Kalman filter / RTS
-smoother (the parallel scan here), and the missing months are simply NaN. The hyperparameters
+smoother (the log marginal likelihood and its gradient in the compiled filter when numba is
+installed), and the missing months are simply NaN. The hyperparameters
 are fitted by L-BFGS on the log marginal likelihood of the data up to 1995; the last six years
 are held out and forecast with 95% bands. Prints the held-out NLL and coverage; writes
 ``statespace_co2.png``. Run: ``python examples/statespace_co2.py --out out``.
@@ -71,7 +72,7 @@ def main() -> None:
     t = torch.as_tensor(years)
     y = torch.as_tensor((co2 - mu) / sd)
 
-    model = gp.StateSpaceGP(co2_kernel(), noise=0.01, method="parallel", periodic_order=6)
+    model = gp.StateSpaceGP(co2_kernel(), noise=0.01, method="auto", periodic_order=6)
     model = model.to(torch.float64).set_data(t[train], y[train])
     start = time.perf_counter()
     losses = gp.fit_hyperparameters(model, max_iter=5 if smoke else 60)

@@ -14,7 +14,10 @@ SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 
 
 def test_examples_found():
-    assert {"quickstart.py", "vbll_regression.py", "vbll_digits.py"} <= {p.name for p in SCRIPTS}
+    expected = {"quickstart.py", "vbll_regression.py", "vbll_digits.py"}
+    expected |= {"sgmcmc_digits.py", "sgmcmc_regression.py"}
+    expected |= {"statespace_co2.py", "statespace_sunspots.py"}
+    assert expected <= {p.name for p in SCRIPTS}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])

@@ -206,6 +206,8 @@ class StructuredSampler:
         Group of every sampled scalar (flattened in ``named_parameters`` order).
     num_groups : int
         ``K``.
+    num_steps : int
+        Number of :meth:`step` calls so far.
     """
 
     def __init__(
@@ -286,6 +288,7 @@ class StructuredSampler:
             generator=generator,
         )
         self.buffer.push(theta)
+        self.num_steps = 0
 
     # -- helpers ---------------------------------------------------------------------------
     def _flat(self) -> Tensor:
@@ -369,6 +372,7 @@ class StructuredSampler:
             p.grad = g.reshape(p.shape)
         self.optimizer.step()
         self.buffer.push(self._flat())
+        self.num_steps += 1
         return loss.detach()
 
     @staticmethod
@@ -380,6 +384,73 @@ class StructuredSampler:
         """Forget the stored samples (e.g. the burn-in transient) and store the current one."""
         self.buffer.reset()
         self.buffer.push(self._flat())
+
+    # -- serialisation -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the chain, except the model's own parameters.
+
+        Save it next to ``model.state_dict()`` (which holds the current parameters);
+        loading both into a sampler built with the same arguments continues the run
+        bit-identically. Loadable with ``torch.load(..., weights_only=True)``.
+
+        Returns
+        -------
+        dict
+            ``"optimizer"``: the wrapped sampler's state (velocities or preconditioner,
+            hyper-parameters, noise-generator state); ``"buffer"``, ``"buffer_steps"``:
+            stored samples ``(S, D)`` and their push numbers ``(S,)``; ``"buffer_pushes"``,
+            ``"num_steps"``: counters; ``"group_ids"`` ``(D,)`` (checked on load);
+            ``"generator_state"``: state of ``generator`` (absent without one: the global
+            RNG is then the caller's to save).
+        """
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.data.clone(),
+            "buffer_steps": self.buffer.stamps.clone(),
+            "buffer_pushes": self.buffer.num_pushed,
+            "num_steps": self.num_steps,
+            "group_ids": self.group_ids.clone(),
+        }
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` (same model layout, groups, buffer size).
+
+        Raises
+        ------
+        ValueError
+            If keys are missing, or the grouping or buffer shape differs from this sampler's.
+        """
+        keys = {"optimizer", "buffer", "buffer_steps", "buffer_pushes", "num_steps", "group_ids"}
+        missing = keys - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict is missing keys {sorted(missing)}")
+        group_ids = state_dict["group_ids"]
+        if not isinstance(group_ids, Tensor) or not torch.equal(
+            group_ids.to(self.group_ids.device), self.group_ids
+        ):
+            raise ValueError(
+                "state_dict['group_ids'] differs from this sampler's grouping: build the sampler "
+                "with the same model and groups before loading"
+            )
+        data = state_dict["buffer"]
+        if not isinstance(data, Tensor) or data.shape != self.buffer.data.shape:
+            raise ValueError(
+                f"state_dict['buffer'] must have shape {tuple(self.buffer.data.shape)} "
+                f"(buffer_size x D), got {tuple(getattr(data, 'shape', ()))}"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.buffer.data.copy_(data)
+        self.buffer.stamps.copy_(state_dict["buffer_steps"])
+        self.buffer.num_pushed = check_int(
+            "buffer_pushes", int(state_dict["buffer_pushes"]), minimum=0
+        )
+        self.num_steps = check_int("num_steps", int(state_dict["num_steps"]), minimum=0)
+        generator_state = state_dict.get("generator_state")
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state.cpu())
 
     def sample_parameters(self, num_samples: int = 1) -> dict[str, Tensor]:
         """Mean-field draws: every group from an independent uniform buffer entry.

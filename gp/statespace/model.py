@@ -346,7 +346,7 @@ class StateSpaceGP(nn.Module):
 
         Parameters
         ----------
-        t_new : Tensor, shape (n_new,) or (n_new, 1), or (*batch_shape, n_new)
+        t_new : Tensor, shape (n_new,) or (n_new, 1), or ``(*batch_shape, n_new)``
             Finite prediction times, any order; shared by all series or one row per series.
         observation_noise : bool, default False
             Add the noise variance (predictive of ``y``) instead of the latent ``f``
