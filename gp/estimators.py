@@ -3,15 +3,23 @@
 
 Both standardise the inputs (per column) and the targets with training statistics, fit the
 kernel hyperparameters and the noise by maximising the log marginal likelihood of the
-standardised data (:func:`gp.fit_hyperparameters`), compute in float64 and undo the
-standardisation on output. The GP prior mean is zero on the standardised targets (the
-training mean in original units), as scikit-learn's ``normalize_y=True``.
+standardised data (:func:`gp.fit_hyperparameters`), compute in float64 on the chosen
+``device`` and undo the standardisation on output. The GP prior mean is zero on the
+standardised targets (the training mean in original units), as scikit-learn's
+``normalize_y=True``.
+
+Device handling (shared with :mod:`gp.sparse.estimators`): ``device=None`` computes on the
+CPU, ``"cuda"`` (or any torch device) moves the model and the data there; ``predict`` and
+``sample_y`` return numpy arrays, ``posterior`` returns tensors on that device. A pickled
+estimator stores its torch state on the CPU; unpickling moves it back to the device it was
+fitted on when that device is available and otherwise keeps it on the CPU with a warning.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -34,7 +42,77 @@ __all__ = ["GPRegressor", "StateSpaceGPRegressor"]
 _DTYPE = torch.float64
 
 
-class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device an estimator computes on: CPU for ``None``.
+
+    Raises
+    ------
+    ValueError
+        For a string that is no torch device, or a CUDA device when CUDA is not available.
+    TypeError
+        For anything but ``None``, a string or a ``torch.device``.
+    """
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device must be None, a string such as 'cpu' or 'cuda', or a torch.device, got "
+            f"{type(device).__name__}"
+        )
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(
+            f"device must be None, 'cpu', 'cuda', 'cuda:<index>' or a torch.device, got {device!r}"
+        ) from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asks for CUDA, but CUDA is not available here")
+    return resolved
+
+
+class _DevicePickleMixin:
+    """Pickle the fitted torch state (attributes that are modules or tensors) on the CPU.
+
+    ``__getstate__`` stores CPU copies (the estimator itself is untouched); ``__setstate__``
+    moves them back to ``device_`` when that device is available, else keeps them on the CPU
+    (with a warning) and sets ``device_`` to the CPU.
+    """
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        device = state.get("device_")
+        if device is not None and torch.device(device).type != "cpu":
+            torch_items = {
+                k: v for k, v in state.items() if isinstance(v, (nn.Module, torch.Tensor))
+            }
+            copied = copy.deepcopy(torch_items)  # one memo: shared submodules stay shared
+            state.update({k: v.cpu() for k, v in copied.items()})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        device = getattr(self, "device_", None)
+        if device is None or torch.device(device).type == "cpu":
+            return
+        try:
+            device = resolve_device(device)
+        except ValueError:
+            warnings.warn(
+                f"this estimator was fitted on {device}, which is not available here; its "
+                "model stays on the CPU",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.device_ = torch.device("cpu")
+            return
+        for key, value in list(self.__dict__.items()):
+            if isinstance(value, nn.Module):
+                value.to(device)
+            elif isinstance(value, torch.Tensor):
+                setattr(self, key, value.to(device))
+
+
+class _GPRegressorBase(_DevicePickleMixin, RegressorMixin, BaseEstimator, ABC):
     """Shared fit / predict / sample machinery (not public).
 
     Subclasses define ``_build_model(kernel)``, ``_default_kernel(n_features)`` and
@@ -49,6 +127,7 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
         check_positive("noise", self.noise)
         check_choice("optimizer", self.optimizer, ("lbfgs", "adam"))
         check_int("max_iter", self.max_iter, minimum=0)
+        resolve_device(self.device)
 
     def _check_features(self, X: np.ndarray) -> None:
         """Hook: raise ValueError for inputs the model cannot take."""
@@ -66,11 +145,11 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
         """Joint latent posterior at standardised inputs ``x`` (n, d), standardised units."""
 
     def _inputs(self, X) -> Tensor:
-        """Validated, standardised float64 tensor (n, d) of new inputs."""
+        """Validated, standardised float64 tensor (n, d) of new inputs on ``device_``."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         self._check_features(X)
-        return torch.as_tensor(self.x_scaler_(X), dtype=_DTYPE)
+        return torch.as_tensor(self.x_scaler_(X), dtype=_DTYPE, device=self.device_)
 
     def fit(self, X, y) -> _GPRegressorBase:
         """Fit the GP hyperparameters to ``X`` (n, d) and targets ``y`` (n,); returns self.
@@ -79,9 +158,11 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
         kernel), ``noise_`` (noise variance in original target units), ``loss_curve_``
         (``-log p(y)`` of the standardised data, see :func:`gp.fit_hyperparameters`),
         ``n_iter_`` (objective evaluations of L-BFGS, or Adam steps),
-        ``log_marginal_likelihood_value_`` (original units), ``x_scaler_``, ``y_scaler_``.
+        ``log_marginal_likelihood_value_`` (original units), ``x_scaler_``, ``y_scaler_``,
+        ``device_`` (the torch device of the model).
         """
         self._check_params()
+        device = resolve_device(self.device)
         y_array = np.asarray(y)
         if y_array.dtype.kind in "USaV":
             raise ValueError(f"y must be numeric for regression, got dtype {y_array.dtype}")
@@ -89,13 +170,13 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
         self._check_features(X)
         self.x_scaler_ = _Standardizer(X)
         self.y_scaler_ = _Standardizer(y)
-        x = torch.as_tensor(self.x_scaler_(X), dtype=_DTYPE)
-        z = torch.as_tensor(self.y_scaler_(y), dtype=_DTYPE)
+        x = torch.as_tensor(self.x_scaler_(X), dtype=_DTYPE, device=device)
+        z = torch.as_tensor(self.y_scaler_(y), dtype=_DTYPE, device=device)
         if self.kernel is None:
             kernel = self._default_kernel(X.shape[1])
         else:
             kernel = copy.deepcopy(self.kernel)  # never mutate the parameter
-        model = self._build_model(kernel).to(_DTYPE)
+        model = self._build_model(kernel).to(dtype=_DTYPE, device=device)
         model.noise = float(self.noise)  # set again in float64 (the models build in float32)
         model.set_data(x, z)
         self.loss_curve_ = fit_hyperparameters(
@@ -106,6 +187,7 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
         for p in model.parameters():
             p.requires_grad_(False)
         self.model_ = model
+        self.device_ = device
         self.kernel_ = model.kernel
         self.noise_ = float(model.noise.detach()) * float(self.y_scaler_.scale) ** 2
         self.log_marginal_likelihood_value_ = self.log_marginal_likelihood()
@@ -152,8 +234,8 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
         x = self._inputs(X)
         with torch.no_grad():
             post = self._unstandardise(self._marginal_posterior(x, observation_noise=True))
-        mean = post.mean[:, 0].numpy()
-        return (mean, post.stddev[:, 0].numpy()) if return_std else mean
+        mean = post.mean[:, 0].cpu().numpy()
+        return (mean, post.stddev[:, 0].cpu().numpy()) if return_std else mean
 
     def _marginal_posterior(self, x: Tensor, observation_noise: bool) -> GaussianPosterior:
         return self._posterior(x, observation_noise)
@@ -185,9 +267,11 @@ class _GPRegressorBase(RegressorMixin, BaseEstimator, ABC):
             post = self._unstandardise(self._joint_posterior(x))
             noise = float(self.model_.noise) * float(self.y_scaler_.scale) ** 2
             post = post.add_observation_noise(noise)
-            base = torch.as_tensor(rng.standard_normal((n_samples, x.shape[0], 1)), dtype=_DTYPE)
+            base = torch.as_tensor(
+                rng.standard_normal((n_samples, x.shape[0], 1)), dtype=_DTYPE, device=x.device
+            )
             draws = post.rsample_from_base_samples(torch.Size([n_samples]), base)
-        return draws[..., 0].T.numpy()
+        return draws[..., 0].T.cpu().numpy()
 
 
 class GPRegressor(_GPRegressorBase):
@@ -209,6 +293,9 @@ class GPRegressor(_GPRegressorBase):
         Default seed of :meth:`sample_y` (fitting is deterministic).
     verbose : bool, default False
         Show a progress bar while fitting.
+    device : str, torch.device or None, default None
+        Torch device of the model and the data (float64 throughout): ``None`` is the CPU,
+        ``"cuda"`` a GPU (a ``ValueError`` if CUDA is not available).
 
     Attributes
     ----------
@@ -222,6 +309,8 @@ class GPRegressor(_GPRegressorBase):
         ``-log p(z)`` during fitting (standardised targets).
     log_marginal_likelihood_value_ : float
         Log marginal likelihood of the training targets, original units.
+    device_ : torch.device
+        Device of ``model_``; :meth:`posterior` returns tensors there.
     """
 
     def __init__(
@@ -232,6 +321,7 @@ class GPRegressor(_GPRegressorBase):
         max_iter: int = 100,
         random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         self.kernel = kernel
         self.noise = noise
@@ -239,6 +329,7 @@ class GPRegressor(_GPRegressorBase):
         self.max_iter = max_iter
         self.random_state = random_state
         self.verbose = verbose
+        self.device = device
 
     def _default_kernel(self, n_features: int) -> Kernel:
         return ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=n_features))
@@ -275,7 +366,7 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         ``fit``. Default: ``ScaleKernel(MaternKernel(nu=1.5))``.
     noise : float, default 0.1
         Initial observation-noise variance in standardised target units.
-    method : {"auto", "sequential", "parallel"}, default "auto"
+    method : {"auto", "fast", "parallel", "sequential"}, default "auto"
         Kalman filtering / smoothing algorithm (see :class:`gp.StateSpaceGP`).
     optimizer : {"lbfgs", "adam"}, default "lbfgs"
         Optimiser of the log marginal likelihood.
@@ -285,10 +376,13 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         Default seed of :meth:`sample_y` (fitting is deterministic).
     verbose : bool, default False
         Show a progress bar while fitting.
+    device : str, torch.device or None, default None
+        Torch device of the model and the data, as for :class:`GPRegressor` (on CUDA the
+        default ``method="auto"`` uses the parallel scan).
 
     Attributes
     ----------
-    model_, kernel_, noise_, loss_curve_, log_marginal_likelihood_value_
+    model_, kernel_, noise_, loss_curve_, log_marginal_likelihood_value_, device_
         As for :class:`GPRegressor`.
 
     Notes
@@ -309,6 +403,7 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         max_iter: int = 100,
         random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         self.kernel = kernel
         self.noise = noise
@@ -317,10 +412,11 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         self.max_iter = max_iter
         self.random_state = random_state
         self.verbose = verbose
+        self.device = device
 
     def _check_params(self) -> None:
         super()._check_params()
-        check_choice("method", self.method, ("auto", "sequential", "parallel"))
+        check_choice("method", self.method, ("auto", "fast", "parallel", "sequential"))
 
     def _check_features(self, X: np.ndarray) -> None:
         if X.shape[1] != 1:
@@ -374,9 +470,9 @@ class StateSpaceGPRegressor(_GPRegressorBase):
             noise = float(self.model_.noise) * float(self.y_scaler_.scale) ** 2
             post = post.add_observation_noise(noise)
             shape = (n_samples, *post.base_sample_shape)
-            base = torch.as_tensor(rng.standard_normal(shape), dtype=_DTYPE)
+            base = torch.as_tensor(rng.standard_normal(shape), dtype=_DTYPE, device=x.device)
             draws = post.rsample_from_base_samples(torch.Size([n_samples]), base)
-        return draws[..., 0].T.numpy()
+        return draws[..., 0].T.cpu().numpy()
 
     def posterior(self, X, observation_noise: bool = False) -> GaussianPosterior:
         """Posterior at ``X`` (n, 1) in original target units: a

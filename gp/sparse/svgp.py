@@ -97,7 +97,7 @@ class SVGP(nn.Module):
     kernel : gpytorch.kernels.Kernel
         Prior covariance; for independent GPs in a batch give it ``batch_shape`` (and for the
         softmax likelihood ``batch_shape + (num_classes,)`` for one kernel per class).
-    inducing_points : Tensor, shape (M, d) or (*batch_shape, M, d)
+    inducing_points : Tensor, shape (M, d) or ``(*batch_shape, M, d)``
         Initial inducing inputs ``Z`` (copied); see :func:`select_inducing_points`. The whole
         module (kernel and likelihood included) is moved to their dtype and device.
     likelihood : {"gaussian", "bernoulli", "poisson", "softmax"} or gpytorch Likelihood
@@ -598,7 +598,9 @@ class SVGP(nn.Module):
 
         Bernoulli: ``P(y=1) = Phi(m / sqrt(1 + v))`` exactly (``C = 2`` columns
         ``[1 - p, p]``); softmax: Monte Carlo average of ``softmax(f)`` over ``num_samples``
-        draws of the latent GPs (seeded, the global random state is untouched).
+        draws of the latent GPs (seeded, the global random state is untouched). The same
+        standard-normal draws are shared by all rows, so a row's probabilities do not depend
+        on which other rows are predicted with it.
         """
         if self.kind == "bernoulli":
             p = self.predict_mean(X)
@@ -610,9 +612,8 @@ class SVGP(nn.Module):
         mean, var = self._chunked_marginals(X)
         mean, std = mean.mT, var.clamp_min(0).sqrt().mT
         gen = torch.Generator(device=mean.device).manual_seed(seed)
-        eps = torch.randn(
-            (num_samples, *mean.shape), generator=gen, dtype=mean.dtype, device=mean.device
-        )
+        shape = (num_samples, *mean.shape[:-2], 1, mean.shape[-1])  # shared across rows
+        eps = torch.randn(shape, generator=gen, dtype=mean.dtype, device=mean.device)
         return torch.softmax(mean + std * eps, -1).mean(0)
 
     # -- construction from data -----------------------------------------------------------

@@ -241,3 +241,67 @@ def test_statespace_rejects_several_columns():
     X, y = _data(n=10, d=2)
     with pytest.raises(ValueError, match="exactly one column"):
         StateSpaceGPRegressor().fit(X, y)
+
+
+@pytest.mark.parametrize("Est", [GPRegressor, StateSpaceGPRegressor])
+def test_device_option_on_cpu(Est):
+    X, y = _data(n=20, d=1)
+    ref = Est(max_iter=5).fit(X, y)
+    X_new = np.linspace(-3, 5, 7)[:, None]
+    for device in ["cpu", torch.device("cpu")]:
+        model = Est(max_iter=5, device=device).fit(X, y)
+        assert model.device_ == torch.device("cpu")
+        for a, b in zip(
+            model.predict(X_new, return_std=True), ref.predict(X_new, return_std=True), strict=True
+        ):
+            assert isinstance(a, np.ndarray)
+            np.testing.assert_array_equal(a, b)
+        assert model.posterior(X_new).mean.device == torch.device("cpu")
+        draws = model.sample_y(X_new, n_samples=2, random_state=0)
+        np.testing.assert_array_equal(draws, ref.sample_y(X_new, n_samples=2, random_state=0))
+
+
+@pytest.mark.parametrize("Est", [GPRegressor, StateSpaceGPRegressor])
+def test_bad_device_raises(Est):
+    X, y = _data(n=10, d=1)
+    with pytest.raises(ValueError, match="device"):
+        Est(device="tpu").fit(X, y)
+    with pytest.raises(TypeError, match="device"):
+        Est(device=3).fit(X, y)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Est(device="cuda").fit(X, y)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the fallback without CUDA")
+def test_unpickling_a_cuda_fitted_estimator_without_cuda_falls_back_to_cpu():
+    X, y = _data(n=15, d=1)
+    model = GPRegressor(max_iter=3).fit(X, y)
+    expected = model.predict(X, return_std=True)
+    model.device_ = torch.device("cuda")  # as if fitted on a GPU (its tensors are on the CPU)
+    with pytest.warns(UserWarning, match="not available"):
+        loaded = pickle.loads(pickle.dumps(model))
+    assert loaded.device_ == torch.device("cpu")
+    for a, b in zip(loaded.predict(X, return_std=True), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("Est", [GPRegressor, StateSpaceGPRegressor])
+def test_cuda_matches_cpu_and_pickles(Est):
+    X, y = _data(n=40, d=1)
+    X_new = np.linspace(-3, 5, 11)[:, None]
+    cpu = Est(max_iter=5).fit(X, y)
+    gpu = Est(max_iter=5, device="cuda").fit(X, y)
+    assert gpu.device_.type == "cuda" and gpu.posterior(X_new).mean.device.type == "cuda"
+    for a, b in zip(
+        gpu.predict(X_new, return_std=True), cpu.predict(X_new, return_std=True), strict=True
+    ):
+        assert isinstance(a, np.ndarray)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)  # float64, different kernels
+    assert gpu.sample_y(X_new, n_samples=3, random_state=0).shape == (11, 3)
+    state = gpu.__getstate__()
+    assert next(state["model_"].parameters()).device.type == "cpu"  # stored on the CPU
+    loaded = pickle.loads(pickle.dumps(gpu))
+    assert next(loaded.model_.parameters()).device.type == "cuda"
+    np.testing.assert_allclose(loaded.predict(X_new), gpu.predict(X_new), rtol=1e-12)
