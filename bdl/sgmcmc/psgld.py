@@ -16,7 +16,9 @@ i.e. :math:`\theta \leftarrow \theta - \eta G \nabla \hat U + \mathcal N(0, 2 \e
 on the full-data potential :math:`U = N \bar L_{\mathrm{full}} + \lambda \lVert\theta
 \rVert^2 / 2`. :math:`V` is built from :math:`d = \nabla U / N` (the mean per-datum gradient of
 the paper, plus the prior's share), so with ``temperature=0`` this is
-``torch.optim.RMSprop(alpha=rho, eps=eps, weight_decay=lambda / N)``.
+``torch.optim.RMSprop(alpha=rho, eps=eps, weight_decay=lambda / N)``. With ``eps_relative``
+:math:`\epsilon_r` each parameter tensor's denominator is :math:`\epsilon + \epsilon_r
+\sqrt{\operatorname{mean}(V)} + \sqrt V` (a scale-free floor; see :class:`PSGLD`).
 
 The correction term :math:`\eta\,\Gamma(\theta)`, :math:`\Gamma_i = \sum_j \partial G_{ij} /
 \partial \theta_j`, is **dropped**, as in the paper's experiments and every public
@@ -61,6 +63,17 @@ class PSGLD(SGMCMCOptimizer):
         ``T >= 0``; the target is ``exp(-U / T)``, 0 switches the noise off.
     prior_precision : float
         Precision ``lambda >= 0`` of an isotropic Gaussian prior on every parameter (0: flat).
+    eps_relative : float
+        ``epsilon_r >= 0``: also add ``epsilon_r * sqrt(mean(V))`` of each parameter tensor
+        to ``sqrt(V)`` (default 0: the paper's absolute ``eps`` only). The absolute ``eps`` is
+        not scale-free: an entry whose gradient happened to be ~0 when ``V`` was estimated
+        (a dead unit, a constant input) gets ``G = 1 / eps``, e.g. ``1e5``, many orders of
+        magnitude above its tensor's typical ``G``, and with a frozen preconditioner it keeps
+        it, so the step ``lr G d`` and the noise ``(2 lr T G / N)^(1/2)`` explode once that
+        entry's gradient revives. With ``eps_relative`` every entry's ``G`` is at most
+        ``1 / epsilon_r`` times its tensor's typical ``1 / sqrt(mean(V))``, whatever the
+        units of the loss and parameters (e.g. ``0.1``: at most 10 times). The term depends
+        only on ``V``, so a frozen ``G`` stays constant and exact.
     generator : torch.Generator, optional
         Source of the noise, on the parameters' device (saved in :meth:`state_dict`).
     check_finite : bool
@@ -83,6 +96,7 @@ class PSGLD(SGMCMCOptimizer):
         eps: float = 1e-5,
         temperature: float = 1.0,
         prior_precision: float = 0.0,
+        eps_relative: float = 0.0,
         *,
         generator: torch.Generator | None = None,
         check_finite: bool = True,
@@ -92,6 +106,7 @@ class PSGLD(SGMCMCOptimizer):
             "num_data": num_data,
             "alpha": alpha,
             "eps": eps,
+            "eps_relative": eps_relative,
             "temperature": temperature,
             "prior_precision": prior_precision,
             "update_preconditioner": True,
@@ -102,6 +117,9 @@ class PSGLD(SGMCMCOptimizer):
         checked = super()._validate_group(group)
         checked["alpha"] = _check_real("alpha", group["alpha"], 0.0, 1.0, high_open=True)
         checked["eps"] = check_positive("eps", group["eps"])
+        checked["eps_relative"] = check_positive(
+            "eps_relative", group.get("eps_relative", 0.0), allow_zero=True
+        )
         checked["update_preconditioner"] = bool(group.get("update_preconditioner", True))
         return checked
 
@@ -139,6 +157,10 @@ class PSGLD(SGMCMCOptimizer):
             square_avgs = new_avgs
         denom = torch._foreach_sqrt(square_avgs)  # eps + sqrt(V) = 1 / G
         torch._foreach_add_(denom, group["eps"])
+        if group["eps_relative"]:
+            # + eps_r * sqrt(mean(V)) per tensor: G <= 1 / (eps_r * rms gradient of the tensor)
+            for d, v in zip(denom, square_avgs, strict=True):
+                d.add_(v.mean().sqrt(), alpha=group["eps_relative"])
         std = self._noise_std(group)
         if std > 0.0:
             # flat <- (std xi sqrt(denom) - lr d) / denom = std G^(1/2) xi - lr G d

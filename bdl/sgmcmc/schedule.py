@@ -56,7 +56,10 @@ class CyclicalSchedule(LRScheduler):
         Number of cycles ``M`` (1 <= M <= K); the cycle length is ``ceil(K / M)``.
     exploration_fraction : float
         ``beta`` in ``[0, 1]``: the fraction of each cycle without noise. The default 0.9
-        matches the official CIFAR code (noise in the last 5 of 50 epochs per cycle).
+        matches the official CIFAR code (noise in the last 5 of 50 epochs per cycle). Below 1,
+        every cycle (a cut-short last one included) must contain a sampling step, i.e. be at
+        least ``1 / (1 - beta)`` steps long, or ``ValueError`` is raised (see
+        :meth:`sampling_steps`); 1 means no sampling step at all.
     last_epoch : int
         Index of the last step taken, for resuming (as in ``torch`` schedulers); -1 starts.
     """
@@ -80,7 +83,40 @@ class CyclicalSchedule(LRScheduler):
             "exploration_fraction", exploration_fraction, 0.0, 1.0
         )
         self.cycle_length = math.ceil(self.num_steps / self.num_cycles)
+        if self.exploration_fraction < 1.0:
+            counts = self.sampling_steps(self.num_steps, self.num_cycles, exploration_fraction)
+            if min(counts) == 0:
+                empty = [i for i, k in enumerate(counts) if k == 0]
+                raise ValueError(
+                    f"exploration_fraction={exploration_fraction} leaves cycle(s) {empty} of "
+                    f"num_steps={num_steps} split into num_cycles={num_cycles} (cycle length "
+                    f"{self.cycle_length}) without a sampling step: a cycle needs at least "
+                    f"1 / (1 - exploration_fraction) steps; use fewer cycles, more steps or a "
+                    "smaller exploration_fraction (1.0 is allowed: no sampling at all)"
+                )
         super().__init__(optimizer, last_epoch)
+
+    @staticmethod
+    def sampling_steps(num_steps: int, num_cycles: int, exploration_fraction: float) -> list[int]:
+        """Number of sampling (noisy) steps in each cycle of such a schedule.
+
+        Cycle ``i`` covers steps ``[i c, min((i + 1) c, K))`` with ``c = ceil(K / M)`` (the last
+        one may be cut short, and ``ceil(K / c)`` cycles are non-empty); its step at offset ``j``
+        samples iff ``j / c >= beta``.
+        """
+        num_steps = check_int("num_steps", num_steps)
+        num_cycles = check_int("num_cycles", num_cycles)
+        beta = _check_real("exploration_fraction", exploration_fraction, 0.0, 1.0)
+        length = math.ceil(num_steps / num_cycles)
+        # first sampling offset, with the same float comparison as is_sampling_step
+        first = min(max(math.ceil(beta * length) - 1, 0), length)
+        while first < length and first / length < beta:
+            first += 1
+        counts = []
+        for start in range(0, num_steps, length):
+            size = min(length, num_steps - start)
+            counts.append(max(0, size - first))
+        return counts
 
     # -- position in the cycle -------------------------------------------------------------
     @property

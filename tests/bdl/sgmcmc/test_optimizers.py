@@ -188,6 +188,7 @@ SPECIFIC = [
     (PSGLD, {"alpha": 1.0}, "alpha"),
     (PSGLD, {"alpha": -0.1}, "alpha"),
     (PSGLD, {"eps": 0.0}, "eps"),
+    (PSGLD, {"eps_relative": -0.1}, "eps_relative"),
 ]
 
 
@@ -263,6 +264,37 @@ def test_psgld_frozen_before_any_estimate_raises() -> None:
     p.grad = torch.ones(3)
     with pytest.raises(RuntimeError, match="frozen"):
         opt.step()
+
+
+@pytest.mark.parametrize("eps_relative", [0.0, 0.1])
+def test_psgld_relative_eps_bounds_a_frozen_preconditioner(eps_relative: float) -> None:
+    # entry 0 had no gradient when V was estimated; frozen, its G is 1 / eps = 1e5 without
+    # eps_relative, and at most 1 / (eps_r sqrt(mean V)) (10x the tensor's typical G) with it
+    lr, temperature, eps = 0.01, 1.0, 1e-5
+    square_avg = torch.tensor([0.0, 1.0, 4.0, 9.0], dtype=torch.float64)
+    p = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = PSGLD(
+        [p], lr=lr, num_data=N, eps=eps, eps_relative=eps_relative,
+        temperature=temperature, generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    opt.state[p]["square_avg"] = square_avg.clone()
+    opt.freeze_preconditioner()
+    p.grad = torch.ones(4, dtype=torch.float64)
+    opt.step()
+    denom = square_avg.sqrt() + eps + eps_relative * square_avg.mean().sqrt()
+    std = math.sqrt(2.0 * lr * temperature / N)
+    xi = torch.empty(4, dtype=torch.float64).normal_(
+        0.0, std, generator=torch.Generator().manual_seed(3)
+    )
+    # theta' = theta - lr G d + (2 lr T / N)^(1/2) G^(1/2) xi, with G = 1 / denom
+    expected = xi / denom.sqrt() - lr * p.grad / denom
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=0.0)
+    assert torch.equal(opt.state[p]["square_avg"], square_avg)  # frozen: V unchanged
+    g0 = 1.0 / float(denom[0])
+    if eps_relative:
+        assert g0 <= 1.0 / (eps_relative * math.sqrt(3.5))
+    else:
+        assert g0 == pytest.approx(1.0 / eps, rel=1e-12)
 
 
 def test_sparse_gradients_are_rejected() -> None:

@@ -73,7 +73,7 @@ def test_phases_and_cycle_ends() -> None:
 
 def test_truncated_last_cycle() -> None:
     # K = 10, M = 3: c = ceil(10 / 3) = 4, cycles [0, 4), [4, 8), [8, 10)
-    schedule = CyclicalSchedule(make_opt(), num_steps=10, num_cycles=3)
+    schedule = CyclicalSchedule(make_opt(), num_steps=10, num_cycles=3, exploration_fraction=0.25)
     ends, left = [], []
     for _k in range(10):
         ends.append(schedule.end_of_cycle())
@@ -87,7 +87,7 @@ def test_truncated_last_cycle() -> None:
 def test_every_group_is_scaled_from_its_own_base_lr() -> None:
     params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))]
     opt = SGLD([{"params": params[:1]}, {"params": params[1:], "lr": 0.1}], lr=1.0, num_data=10)
-    schedule = CyclicalSchedule(opt, num_steps=8, num_cycles=2)  # c = 4
+    schedule = CyclicalSchedule(opt, num_steps=8, num_cycles=2, exploration_fraction=0.5)  # c = 4
     for _ in range(2):
         schedule.step()  # k = 2: r = 1/2
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05], rel=1e-12)
@@ -113,6 +113,41 @@ def test_extreme_exploration_fractions(beta: float, expected: bool) -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CyclicalSchedule(make_opt(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("num_steps", "num_cycles", "beta"),
+    [(80, 4, 0.75), (10, 3, 0.25), (10, 3, 0.5), (8, 2, 0.9), (100, 7, 0.8), (45, 5, 0.8)],
+)
+def test_sampling_steps_counts_the_noisy_steps_of_each_cycle(
+    num_steps: int, num_cycles: int, beta: float
+) -> None:
+    counts = CyclicalSchedule.sampling_steps(num_steps, num_cycles, beta)
+    length = math.ceil(num_steps / num_cycles)
+    # brute force: offsets j of each (possibly cut) cycle with j / c >= beta
+    expected = [
+        sum((k - start) / length >= beta for k in range(start, min(start + length, num_steps)))
+        for start in range(0, num_steps, length)
+    ]
+    assert counts == expected
+    if min(counts) > 0:
+        schedule = CyclicalSchedule(make_opt(), num_steps, num_cycles, beta)
+        rows = walk(schedule, num_steps)
+        assert sum(row[2] for row in rows) == sum(counts)
+
+
+@pytest.mark.parametrize(
+    ("num_steps", "num_cycles", "beta"),
+    # c = 4 < 1 / (1 - 0.9) and c = 4 < 1 / (1 - 0.8): no cycle samples; c = 15 (first
+    # sampling offset 12) with a cut last cycle of 10 steps; c = 4 with a last cycle of 2
+    [(8, 2, 0.9), (12, 3, 0.8), (100, 7, 0.8), (10, 3, 0.5)],
+)
+def test_cycles_without_a_sampling_step_are_refused(
+    num_steps: int, num_cycles: int, beta: float
+) -> None:
+    assert min(CyclicalSchedule.sampling_steps(num_steps, num_cycles, beta)) == 0
+    with pytest.raises(ValueError, match="without a sampling step"):
+        CyclicalSchedule(make_opt(), num_steps, num_cycles, beta)
 
 
 def test_state_dict_round_trip() -> None:

@@ -11,6 +11,7 @@ import torch
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from bdl import CategoricalPosterior, SamplePosterior, SGMCMCClassifier, SGMCMCRegressor
+from bdl.sgmcmc.estimators import _prior_precisions
 
 TINY = dict(hidden_sizes=(8,), epochs=10, batch_size=16, n_cycles=2, random_state=0)
 
@@ -117,6 +118,8 @@ def test_same_seed_same_model(blobs):
         (dict(momentum_decay=0.0), "momentum_decay"),
         (dict(temperature=-1.0), "temperature"),
         (dict(prior_precision=-1.0), "prior_precision"),
+        (dict(prior_precision="he"), "prior_precision"),
+        (dict(prior_weight_variance=0.0), "prior_weight_variance"),
         (dict(n_cycles=0), "n_cycles"),
         (dict(exploration_fraction=1.0), "exploration_fraction"),
         (dict(samples_per_cycle=0), "samples_per_cycle"),
@@ -142,6 +145,34 @@ def test_non_finite_inputs_are_rejected(cls):
     model = cls(**TINY).fit(X, y)
     with pytest.raises(ValueError, match="NaN"):
         model.predict(bad)
+
+
+def test_fan_in_prior_precisions_per_layer(blobs):
+    # weights ~ N(0, sigma_w^2 / fan_in): precision fan_in / sigma_w^2; biases N(0, 1)
+    X, y = blobs
+    model = SGMCMCClassifier(**{**TINY, "hidden_sizes": (8, 4), "prior_weight_variance": 4.0})
+    model.fit(X, y)
+    expected = [2 / 4.0, 1.0, 8 / 4.0, 1.0, 4 / 4.0, 1.0]  # (2->8), (8->4), (4->3)
+    assert _prior_precisions(model.model_, "fan_in", 4.0) == expected
+    assert _prior_precisions(model.model_, 0.5, 4.0) == [0.5] * 6
+
+
+def test_fan_in_and_isotropic_priors_differ_only_through_the_prior(blobs):
+    # one linear layer of fan-in 2 (hidden_sizes=()): sigma_w^2 = 2 makes the weights'
+    # precision 2 / 2 = 1, like the biases', so the chain is prior_precision=1.0's, bit for bit
+    X, y = blobs
+    kw = {**TINY, "hidden_sizes": ()}
+    a = SGMCMCClassifier(**kw, prior_precision="fan_in", prior_weight_variance=2.0).fit(X, y)
+    b = SGMCMCClassifier(**kw, prior_precision=1.0).fit(X, y)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+
+
+def test_run_too_short_for_a_sampling_phase_is_refused():
+    X = np.random.RandomState(0).randn(20, 2)
+    y = (X[:, 0] > 0).astype(int)
+    # 1 epoch of 2 minibatches: a cycle needs 1 / (1 - 0.8) = 5 steps to contain a sampling step
+    with pytest.raises(ValueError, match="too few for a sampling phase"):
+        SGMCMCClassifier(**{**TINY, "epochs": 1, "batch_size": 10}).fit(X, y)
 
 
 def test_classifier_needs_two_classes():
