@@ -390,3 +390,290 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.mean.cpu(), cpu.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gpu.variance.cpu(), cpu.variance, rtol=1e-10, atol=1e-10)
     assert torch.isfinite(gpu_model.elbo(X.cuda(), y.cuda(), 100))
+
+
+# ------------------------------------------------------------- batches of independent GPs
+
+
+def _batch_kernel(kind: str, batch_shape=torch.Size()):
+    base = (
+        RBFKernel(batch_shape=batch_shape)
+        if kind == "rbf"
+        else MaternKernel(nu=2.5, batch_shape=batch_shape)
+    )
+    return ScaleKernel(base, batch_shape=batch_shape).double()
+
+
+def _separate_and_batched(kind="rbf", M=14, H=5, r=2, **kwargs):
+    """Two unbatched models with their own hyperparameters and q(u), and one batch-of-2 model
+    holding the same values (parameters stacked by name)."""
+    models = []
+    for g in range(2):
+        gen = torch.Generator().manual_seed(10 + g)
+        kern = _batch_kernel(kind)
+        kern.base_kernel.lengthscale = 0.3 + 0.2 * g
+        kern.outputscale = 1.1 + 0.5 * g
+        Z = torch.rand(M, 2, generator=gen, dtype=F64)
+        model = SWSGP(kern, Z, num_neighbors=H, rank=r, kl_subsample=None, **kwargs)
+        with torch.no_grad():
+            model.variational_mean.copy_(torch.randn(M, generator=gen, dtype=F64))
+            model.raw_variational_diag.copy_(torch.randn(M, generator=gen, dtype=F64) - 1.0)
+            model.variational_factor.copy_(0.5 * torch.randn(M, r, generator=gen, dtype=F64))
+            model.likelihood.noise = 0.05 + 0.03 * g
+        models.append(model)
+    bs = torch.Size([2])
+    batched = SWSGP(
+        _batch_kernel(kind, bs),
+        torch.stack([m.inducing_points.detach() for m in models]),
+        num_neighbors=H,
+        rank=r,
+        kl_subsample=None,
+        batch_shape=bs,
+        **kwargs,
+    )
+    single = [dict(m.named_parameters()) for m in models]
+    with torch.no_grad():
+        for name, p in batched.named_parameters():
+            p.copy_(torch.stack([s[name] for s in single]).reshape(p.shape))
+    return models, batched
+
+
+def _assert_params_match(models, batched, rtol, atol, grads=False):
+    single = [dict(m.named_parameters()) for m in models]
+    for name, p in batched.named_parameters():
+        ref = torch.stack([s[name].grad if grads else s[name] for s in single])
+        got = p.grad if grads else p
+        torch.testing.assert_close(got, ref.reshape(p.shape), rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("method", ["auto", "brute"])
+@pytest.mark.parametrize("kind", ["rbf", "matern"])
+@pytest.mark.parametrize("shared_X", [True, False])
+def test_batch_equals_separate_models(kind, shared_X, method):
+    # float64: the batched computation is the same arithmetic, so agreement is to rounding.
+    models, batched = _separate_and_batched(kind, neighbor_method=method)
+    gen = torch.Generator().manual_seed(3)
+    Xs = torch.rand(2, 17, 2, generator=gen, dtype=F64)
+    if shared_X:
+        Xs = Xs[:1].expand(2, -1, -1)
+    ys = torch.randn(2, 17, generator=gen, dtype=F64)
+    X_in = Xs[0] if shared_X else Xs
+    elbo = batched.elbo(X_in, ys, 300)
+    assert elbo.shape == (2,)
+    refs = torch.stack([m.elbo(Xs[g], ys[g], 300) for g, m in enumerate(models)])
+    torch.testing.assert_close(elbo, refs, rtol=1e-10, atol=1e-10)
+    elbo.sum().backward()
+    refs.sum().backward()
+    _assert_params_match(models, batched, rtol=1e-10, atol=1e-10, grads=True)
+    for joint in (False, True):
+        post = batched.posterior(X_in, joint=joint, observation_noise=True)
+        assert post.mean.shape == (2, 17, 1) and post.is_joint == joint
+        for g, m in enumerate(models):
+            ref = m.posterior(Xs[g], joint=joint, observation_noise=True)
+            torch.testing.assert_close(post.mean[g], ref.mean, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(post.variance[g], ref.variance, rtol=1e-10, atol=1e-10)
+            if joint:
+                torch.testing.assert_close(
+                    post.covariance_matrix[g], ref.covariance_matrix, rtol=1e-10, atol=1e-10
+                )
+    nb = batched.neighbors(X_in)
+    assert nb.shape == (2, 17, 5)
+    for g, m in enumerate(models):
+        assert torch.equal(nb[g], m.neighbors(Xs[g]))
+
+
+def test_batch_training_equals_separate_training():
+    # Adam is elementwise, the loss a sum over GPs: a few steps with the same minibatch order
+    # (same seed) leave the batch exactly where the separately trained models are.
+    models, batched = _separate_and_batched("rbf", neighbor_method="brute")
+    gen = torch.Generator().manual_seed(4)
+    Xs = torch.rand(2, 24, 2, generator=gen, dtype=F64)
+    ys = torch.sin(3 * Xs.sum(-1)) + 0.1 * torch.randn(2, 24, generator=gen, dtype=F64)
+    kw = {"epochs": 2, "batch_size": 8, "lr": 0.02}
+    start = {name: p.detach().clone() for name, p in batched.named_parameters()}
+    losses = batched.fit(Xs, ys, generator=torch.Generator().manual_seed(5), **kw)
+    refs = [
+        m.fit(Xs[g], ys[g], generator=torch.Generator().manual_seed(5), **kw)
+        for g, m in enumerate(models)
+    ]
+    assert len(losses) == 6
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(refs).sum(0), rtol=1e-10, atol=1e-10
+    )
+    _assert_params_match(models, batched, rtol=1e-10, atol=1e-10)
+    for name, p in batched.named_parameters():  # every parameter of every GP has moved
+        moved = (p.detach() - start[name]).abs().reshape(2, -1).amax(-1)
+        assert bool((moved > 1e-4).all()), name
+    post = batched.posterior(Xs)
+    for g, m in enumerate(models):
+        ref = m.posterior(Xs[g])
+        torch.testing.assert_close(post.mean[g], ref.mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(post.variance[g], ref.variance, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_shapes_and_initialisation():
+    bs = torch.Size([2, 3])
+    gen = torch.Generator().manual_seed(0)
+    Z = torch.rand(10, 2, generator=gen, dtype=F64)  # shared start, copied per GP
+    model = SWSGP(_batch_kernel("rbf", bs), Z, num_neighbors=4, rank=2, batch_shape=bs)
+    assert model.inducing_points.shape == (2, 3, 10, 2)
+    assert model.variational_mean.shape == (2, 3, 10)
+    assert model.variational_factor.shape == (2, 3, 10, 2)
+    assert model.likelihood.noise.shape == (2, 3, 1)
+    # Same Z and kernel for all GPs: the default diagonal start is the same for each of them.
+    s = model.variational_diag
+    torch.testing.assert_close(s, s[:1, :1].expand_as(s), rtol=1e-12, atol=0)
+    X = torch.rand(7, 2, generator=gen, dtype=F64)
+    y = torch.randn(7, generator=gen, dtype=F64)
+    assert model.elbo(X, y, 50).shape == bs
+    assert model.elbo(X.expand(2, 3, 7, 2), y.expand(2, 3, 7), 50).shape == bs
+    assert model.elbo(X.expand(3, 7, 2), y.unsqueeze(-1), 50).shape == bs  # broadcast dims
+    post = model.posterior(X)
+    assert post.mean.shape == (2, 3, 7, 1) and post.variance.shape == (2, 3, 7, 1)
+    joint = model.posterior(X, joint=True)
+    assert joint.covariance_matrix.shape == (2, 3, 7, 7)
+    assert model.variational_covariance().shape == (2, 3, 10, 10)
+
+
+def test_batch_bad_shapes():
+    bs = torch.Size([2])
+    Z = torch.rand(2, 10, 2, dtype=F64)
+    with pytest.raises(ValueError, match="inducing_points"):
+        SWSGP(_batch_kernel("rbf", bs), torch.rand(3, 10, 2, dtype=F64), 3, batch_shape=bs)
+    with pytest.raises(ValueError, match="kernel has batch_shape"):
+        SWSGP(_batch_kernel("rbf", torch.Size([3])), Z, 3, batch_shape=bs)
+    with pytest.raises(ValueError, match="batch_shape"):
+        SWSGP(_batch_kernel("rbf"), Z, 3, batch_shape=(0,))
+    with pytest.raises(ValueError, match="inducing_points"):
+        SWSGP(_batch_kernel("rbf"), Z, 3)  # batched Z for an unbatched model
+    model = SWSGP(_batch_kernel("rbf", bs), Z, 3, batch_shape=bs)
+    X, y = _data(n=6)
+    with pytest.raises(ValueError, match="X must have shape"):
+        model.posterior(X.expand(3, 6, 2))
+    with pytest.raises(ValueError, match="X must have shape"):
+        model.elbo(X.expand(2, 2, 6, 2), y, 10)
+    with pytest.raises(ValueError, match="y has shape"):
+        model.elbo(X, y.expand(3, 6), 10)
+    with pytest.raises(ValueError, match="y has shape"):
+        model.elbo(X, y[:5], 10)
+    unbatched = SWSGP(_batch_kernel("rbf"), Z[0], 3)
+    with pytest.raises(ValueError, match="X must have shape"):
+        unbatched.posterior(X.expand(2, 6, 2))
+    with pytest.raises(ValueError, match="y has shape"):
+        unbatched.elbo(X, y.expand(2, 6), 10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nearest_inducing_batched_equals_per_gp(method):
+    gen = torch.Generator().manual_seed(5)
+    Z = torch.rand(2, 3, 40, 2, generator=gen, dtype=F64)
+    X = torch.rand(2, 3, 11, 2, generator=gen, dtype=F64)
+    idx = nearest_inducing(X, Z, 6, method=method, tile_size=4)
+    assert idx.shape == (2, 3, 11, 6)
+    ref = torch.cdist(X, Z).topk(6, dim=-1, largest=False).indices
+    assert torch.equal(idx, ref)
+    with pytest.raises(ValueError, match="same batch"):
+        nearest_inducing(X, Z[:1], 6)
+
+
+def test_rbf_block_covariance_batched_kernel():
+    # The analytic RBF block path with one set of hyperparameters per GP: values and gradients
+    # against gpytorch evaluated GP by GP.
+    bs = torch.Size([3])
+    kern = ScaleKernel(RBFKernel(ard_num_dims=2, batch_shape=bs), batch_shape=bs).double()
+    kern.base_kernel.lengthscale = torch.tensor([[[0.3, 0.5]], [[0.7, 0.2]], [[1.0, 0.4]]])
+    kern.outputscale = torch.tensor([0.5, 1.0, 2.0])
+    gen = torch.Generator().manual_seed(2)
+    Z_a = torch.rand(3, 4, 5, 2, generator=gen, dtype=F64).requires_grad_()
+    weights = torch.randn(3, 4, 5, 5, generator=gen, dtype=F64)
+    ours = block_covariance(kern, Z_a, 1e-3)
+    ref = torch.stack(
+        [
+            ScaleKernel(RBFKernel(ard_num_dims=2))
+            .double()
+            .initialize(**{"base_kernel.lengthscale": kern.base_kernel.lengthscale[g]})
+            .initialize(outputscale=kern.outputscale[g])(Z_a[g], Z_a[g])
+            .to_dense()
+            for g in range(3)
+        ]
+    ) + 1e-3 * torch.eye(5, dtype=F64)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-13)
+    params = [Z_a, kern.base_kernel.raw_lengthscale, kern.raw_outputscale]
+    g_ours = torch.autograd.grad((ours * weights).sum(), params)
+    dense = kern(Z_a.movedim(1, 0), Z_a.movedim(1, 0)).to_dense().movedim(0, 1)
+    g_ref = torch.autograd.grad((dense * weights).sum(), params)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ joint posterior
+
+
+def _union_joint(model: SWSGP, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint of f(X) under q(u_U), U = union of the H-nearest sets, in plain dense torch."""
+    Z, kern = model.inducing_points, model.kernel
+    nearest = torch.cdist(X, Z).topk(model.num_neighbors, largest=False).indices
+    U = torch.unique(nearest)
+    Z_U = Z[U]
+    K = kern(Z_U, Z_U).to_dense() + model._jitter_value() * torch.eye(len(U), dtype=Z.dtype)
+    Kxu = kern(X, Z_U).to_dense()
+    A = torch.linalg.solve(K, Kxu.mT).mT
+    S = model.variational_covariance()[U][:, U]
+    cov = kern(X, X).to_dense() - A @ Kxu.mT + A @ S @ A.mT
+    return A @ model.variational_mean[U], cov
+
+
+def test_joint_equals_dense_svgp_at_full_neighbourhood():
+    # H = M: the joint is SVGP's, K_xx - K_xz K^-1 K_zx + A S A^T (Hensman et al. 2013).
+    model = _model(M=12, r=3)
+    X, _ = _data(n=9)
+    Z, kern = model.inducing_points, model.kernel
+    with torch.no_grad():
+        K = kern(Z, Z).to_dense() + model._jitter_value() * torch.eye(12, dtype=F64)
+        Kxz = kern(X, Z).to_dense()
+        A = torch.linalg.solve(K, Kxz.mT).mT
+        ref_cov = kern(X, X).to_dense() - A @ Kxz.mT + A @ model.variational_covariance() @ A.mT
+        ref_mean = A @ model.variational_mean
+        post = model.posterior(X, joint=True)
+    assert post.is_joint and post.covariance_matrix.shape == (9, 9)
+    torch.testing.assert_close(post.mean.squeeze(-1), ref_mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(post.covariance_matrix, ref_cov, rtol=1e-9, atol=1e-10)
+    marginal = model.posterior(X)  # with H = M both use all of Z
+    torch.testing.assert_close(post.variance, marginal.variance, rtol=1e-9, atol=1e-10)
+    noisy = model.posterior(X, joint=True, observation_noise=True)
+    noise = model.likelihood.noise.squeeze() * torch.eye(9, dtype=F64)
+    torch.testing.assert_close(
+        noisy.covariance_matrix, post.covariance_matrix + noise, rtol=1e-12, atol=1e-14
+    )
+
+
+def test_joint_uses_union_neighbourhood():
+    model = _model(M=40, H=5, r=2)
+    X, _ = _data(n=6)
+    with torch.no_grad():
+        post = model.posterior(X, joint=True)
+        ref_mean, ref_cov = _union_joint(model, X)
+    torch.testing.assert_close(post.mean.squeeze(-1), ref_mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(post.covariance_matrix, ref_cov, rtol=1e-9, atol=1e-10)
+    eig = torch.linalg.eigvalsh(post.covariance_matrix)
+    assert bool((eig > -1e-10 * eig.max()).all())  # PSD by construction
+    # One point: the union is its own neighbour set, so the joint is the marginal.
+    one = model.posterior(X[:1], joint=True)
+    torch.testing.assert_close(one.variance, model.posterior(X[:1]).variance, rtol=1e-9, atol=0)
+    torch.testing.assert_close(one.mean, model.posterior(X[:1]).mean, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batch_matches_cpu():
+    _, batched = _separate_and_batched("rbf", neighbor_method="brute")
+    X = torch.rand(2, 19, 2, dtype=F64)
+    y = torch.randn(2, 19, dtype=F64)
+    cpu = batched.posterior(X, joint=True)
+    elbo = batched.elbo(X, y, 100)
+    gpu_model = batched.to("cuda")
+    gpu = gpu_model.posterior(X.cuda(), joint=True)
+    torch.testing.assert_close(gpu.mean.cpu(), cpu.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        gpu.covariance_matrix.cpu(), cpu.covariance_matrix, rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(gpu_model.elbo(X.cuda(), y.cuda(), 100).cpu(), elbo.detach())
