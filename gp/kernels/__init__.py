@@ -1,6 +1,7 @@
-"""Batched kernel evaluation in row tiles of bounded memory (CPU or GPU)."""
+"""Batched kernel evaluation in row tiles of bounded memory (CPU or GPU; optional KeOps)."""
 
 from .matvec import (
+    BACKENDS,
     TILE_BYTES,
     cross_covariance_chunks,
     default_tile_size,
@@ -9,6 +10,7 @@ from .matvec import (
 )
 
 __all__ = [
+    "BACKENDS",
     "TILE_BYTES",
     "cross_covariance_chunks",
     "default_tile_size",

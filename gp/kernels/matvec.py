@@ -10,14 +10,18 @@ backward pass bounded too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ._fastpath import Stationary, prepare, stationary_spec, tile_matvec
+from ._keops import keops_matvec
+
 __all__ = [
+    "BACKENDS",
     "TILE_BYTES",
     "cross_covariance_chunks",
     "default_tile_size",
@@ -25,8 +29,12 @@ __all__ = [
     "kernel_matvec",
 ]
 
-TILE_BYTES = 64 * 2**20
-"""Target size in bytes of one tile of kernel entries (64 MiB)."""
+TILE_BYTES = 16 * 2**20
+"""Target size in bytes of one tile of kernel entries (16 MiB).
+
+Chosen by ``benchmarks/bench_kernel_matvec.py --sweep``: tiles that stay in the last-level
+cache (32 MiB here) while the GEMM writes them, the elementwise map rewrites them and the
+product with ``V`` reads them ran 1.5-2x faster than 64 MiB tiles."""
 
 
 def _dense(value: object) -> Tensor:
@@ -105,7 +113,7 @@ def cross_covariance_chunks(
     X : Tensor, shape (..., n, d)
     Z : Tensor, shape (..., m, d)
     tile_size : int, optional
-        Rows per tile; default :func:`default_tile_size` (about 64 MiB per tile).
+        Rows per tile; default :func:`default_tile_size` (about :data:`TILE_BYTES` per tile).
 
     Yields
     ------
@@ -126,8 +134,46 @@ def _tile_product(kernel: Kernel, X_tile: Tensor, Z: Tensor, V: Tensor) -> Tenso
     return _dense(kernel(X_tile, Z)) @ V
 
 
+BACKENDS = ("auto", "torch", "gpytorch", "keops")
+"""Accepted values of ``kernel_matvec(..., backend=...)``."""
+
+
+def _check_backend(
+    backend: str, spec: Stationary | None, kernel: Kernel, X: Tensor, allow: bool
+) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "keops":
+        return
+    if spec is None:
+        raise TypeError(
+            "backend='keops' supports gpytorch RBFKernel and MaternKernel (nu = 0.5, 1.5, 2.5), "
+            f"optionally inside a ScaleKernel and without active_dims; got {kernel!r}. "
+            "Use backend='torch' for other kernels"
+        )
+    if X.device.type != "cuda" and not allow:
+        raise ValueError(
+            f"backend='keops' is meant for CUDA tensors, but X is on {X.device}; use "
+            "backend='torch' on the CPU (it is faster there), or pass allow_keops_cpu=True "
+            "to run KeOps' CPU code anyway"
+        )
+
+
+def _needs_graph(kernel: Kernel, *tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and (
+        any(t.requires_grad for t in tensors) or any(p.requires_grad for p in kernel.parameters())
+    )
+
+
 def kernel_matvec(
-    kernel: Kernel, X: Tensor, Z: Tensor, V: Tensor, *, tile_size: int | None = None
+    kernel: Kernel,
+    X: Tensor,
+    Z: Tensor,
+    V: Tensor,
+    *,
+    tile_size: int | None = None,
+    backend: str = "auto",
+    allow_keops_cpu: bool = False,
 ) -> Tensor:
     """``K(X, Z) @ V`` computed in row tiles, never forming the full ``n x m`` matrix.
 
@@ -142,19 +188,42 @@ def kernel_matvec(
     V : Tensor, shape (..., m, k) or (m,)
         Right-hand sides; a 1-D ``V`` is a single vector.
     tile_size : int, optional
-        Rows of ``X`` per tile; default :func:`default_tile_size` (about 64 MiB of kernel
-        entries per tile, over the whole batch).
+        Rows of ``X`` per tile; default :func:`default_tile_size` (about
+        :data:`TILE_BYTES` of kernel entries per tile, over the whole batch). Ignored by
+        ``backend="keops"``, which tiles on its own.
+    backend : {"auto", "torch", "gpytorch", "keops"}, default "auto"
+        ``"torch"``: tiles of torch operations. ``RBFKernel`` and ``MaternKernel``
+        (optionally in a ``ScaleKernel``, without ``active_dims``) are evaluated from their
+        lengthscale and outputscale by one GEMM per tile (:mod:`gp.kernels._fastpath`);
+        other kernels through their gpytorch ``forward``. ``"gpytorch"``: every kernel
+        through its gpytorch ``forward``. ``"auto"``: same as ``"torch"``; it never picks
+        KeOps. ``"keops"``: a KeOps reduction (needs the optional ``pykeops``; supports
+        the RBF and Matérn kernels above; CUDA tensors only unless ``allow_keops_cpu``).
+    allow_keops_cpu : bool, default False
+        Let ``backend="keops"`` run on CPU tensors (much slower than ``"torch"`` there;
+        meant for checking KeOps without a GPU).
 
     Returns
     -------
     Tensor, shape (..., n, k) or (..., n) for a 1-D ``V``
         Leading batch shape is the broadcast of those of ``X``, ``Z``, ``V`` and the kernel.
 
+    Raises
+    ------
+    ValueError
+        Bad shapes, ``tile_size`` or ``backend``; ``backend="keops"`` on CPU tensors
+        without ``allow_keops_cpu``.
+    TypeError
+        ``backend="keops"`` with a kernel it does not support.
+    ImportError
+        ``backend="keops"`` without ``pykeops`` installed.
+
     Notes
     -----
     With gradients enabled and more than one tile, each tile is checkpointed: its kernel
     block is recomputed during ``backward`` instead of being stored, so peak memory stays at
-    about one tile in both passes.
+    about one tile in both passes. Without gradients the result is written into one
+    preallocated output, so the extra memory is one tile plus ``O(n k + m d)``.
     """
     _check_inputs(X, Z)
     if not isinstance(V, Tensor) or V.dim() < 1:
@@ -165,27 +234,53 @@ def kernel_matvec(
     m = Z.shape[-2]
     if V.shape[-2] != m:
         raise ValueError(f"V has {V.shape[-2]} rows but Z has {m}; they must match")
+    spec = stationary_spec(kernel) if backend in ("auto", "torch", "keops") else None
+    _check_backend(backend, spec, kernel, X, allow_keops_cpu)
     n = X.shape[-2]
     batch = torch.broadcast_shapes(X.shape[:-2], Z.shape[:-2], V.shape[:-2], kernel.batch_shape)
-    tile = _resolve_tile(tile_size, m, batch.numel(), X.dtype)
-    if n <= tile:
-        out = _tile_product(kernel, X, Z, V)
+    if backend == "keops":
+        out = keops_matvec(spec, X, Z, V)
     else:
-        needs_graph = torch.is_grad_enabled() and (
-            X.requires_grad
-            or Z.requires_grad
-            or V.requires_grad
-            or any(p.requires_grad for p in kernel.parameters())
-        )
-        parts = []
-        for start in range(0, n, tile):
-            X_tile = X[..., start : start + tile, :]
-            if needs_graph:
-                part = checkpoint(_tile_product, kernel, X_tile, Z, V, use_reentrant=False)
-            else:
-                part = _tile_product(kernel, X_tile, Z, V)
-            parts.append(part)
-        out = torch.cat([p.expand(*batch, p.shape[-2], p.shape[-1]) for p in parts], dim=-2)
+        tile = _resolve_tile(tile_size, m, batch.numel(), X.dtype)
+        if spec is not None:
+            shared = prepare(spec, Z, V)
+
+            def product(X_tile: Tensor) -> Tensor:
+                return tile_matvec(spec, X_tile, *shared)
+
+        else:
+
+            def product(X_tile: Tensor) -> Tensor:
+                return _tile_product(kernel, X_tile, Z, V)
+
+        out = _tiled(product, X, n, tile, batch, V.shape[-1], _needs_graph(kernel, X, Z, V))
     if out.shape[:-2] != batch:
         out = out.expand(*batch, *out.shape[-2:])
     return out.squeeze(-1) if vector else out
+
+
+def _tiled(
+    product: Callable[[Tensor], Tensor],
+    X: Tensor,
+    n: int,
+    tile: int,
+    batch: torch.Size,
+    k: int,
+    graph: bool,
+) -> Tensor:
+    """Stack ``product(X[..., rows, :])`` over row tiles (checkpointed when ``graph``)."""
+    if n <= tile:
+        return product(X)
+    if graph:
+        parts = [
+            checkpoint(product, X[..., start : start + tile, :], use_reentrant=False)
+            for start in range(0, n, tile)
+        ]
+        return torch.cat([p.expand(*batch, p.shape[-2], p.shape[-1]) for p in parts], dim=-2)
+    out = None
+    for start in range(0, n, tile):
+        part = product(X[..., start : start + tile, :])
+        if out is None:
+            out = part.new_empty(*batch, n, k)
+        out[..., start : start + part.shape[-2], :] = part
+    return out

@@ -125,7 +125,7 @@ class SWSGP(nn.Module):
         Prior covariance; its hyperparameters are trained. For a batch of GPs give it
         ``batch_shape`` (one set of hyperparameters per GP; a kernel without batch shape is
         shared by all GPs).
-    inducing_points : Tensor, shape (M, d) or (*batch_shape, M, d)
+    inducing_points : Tensor, shape (M, d) or ``(*batch_shape, M, d)``
         Initial inducing inputs ``Z`` (copied; an ``(M, d)`` tensor is used by every GP of a
         batch); their dtype and device are the model's.
     num_neighbors : int, default 32
@@ -163,12 +163,12 @@ class SWSGP(nn.Module):
 
     Attributes
     ----------
-    inducing_points : Parameter, shape (*batch_shape, M, d)
-    variational_mean : Parameter, shape (*batch_shape, M)
+    inducing_points : Parameter, shape ``(*batch_shape, M, d)``
+    variational_mean : Parameter, shape ``(*batch_shape, M)``
         ``m``.
-    raw_variational_diag : Parameter, shape (*batch_shape, M)
+    raw_variational_diag : Parameter, shape ``(*batch_shape, M)``
         ``s = softplus(raw_variational_diag)``.
-    variational_factor : Parameter, shape (*batch_shape, M, r)
+    variational_factor : Parameter, shape ``(*batch_shape, M, r)``
         ``W``.
     """
 
@@ -277,7 +277,7 @@ class SWSGP(nn.Module):
 
     @property
     def variational_diag(self) -> Tensor:
-        """``s``, shape (*batch_shape, M)."""
+        """``s``, shape ``(*batch_shape, M)``."""
         return nn.functional.softplus(self.raw_variational_diag)
 
     @torch.no_grad()
@@ -318,7 +318,7 @@ class SWSGP(nn.Module):
         self.variational_factor.copy_(scale[..., None, None] * noise)
 
     def variational_covariance(self) -> Tensor:
-        """Dense ``S = diag(s) + W W^T``, shape (*batch_shape, M, M) (for small ``M`` only)."""
+        """Dense ``S = diag(s) + W W^T``, shape ``(*batch_shape, M, M)`` (for small ``M`` only)."""
         W = self.variational_factor
         return torch.diag_embed(self.variational_diag) + W @ W.mT
 
@@ -326,7 +326,7 @@ class SWSGP(nn.Module):
         return DEFAULT_JITTER if self.jitter is None else float(self.jitter)
 
     def _check_X(self, X: object) -> Tensor:
-        """Validated inputs, shape (*batch_shape, n, d) (a shared (n, d) is expanded)."""
+        """Validated inputs, shape ``(*batch_shape, n, d)`` (a shared (n, d) is expanded)."""
         Z = self.inducing_points
         d, batch = Z.shape[-1], self.batch_shape
         expected = f"(n, {d})" if not batch else f"(n, {d}) or {(*batch, 'n', d)}"
@@ -351,7 +351,7 @@ class SWSGP(nn.Module):
         return X.expand(*batch, *X.shape[-2:]) if batch else X
 
     def _check_y(self, y: object, X: Tensor) -> Tensor:
-        """Validated targets, shape (*batch_shape, n) (a shared (n,) is expanded)."""
+        """Validated targets, shape ``(*batch_shape, n)`` (a shared (n,) is expanded)."""
         n, batch = X.shape[-2], self.batch_shape
         expected = f"({n},) or ({n}, 1)" if not batch else f"({n},) or {(*batch, n)}"
         if not isinstance(y, Tensor):
@@ -373,7 +373,7 @@ class SWSGP(nn.Module):
     # -- core -------------------------------------------------------------------------------
     def neighbors(self, X: Tensor) -> Tensor:
         """Indices of the ``H`` nearest inducing inputs of each row of ``X`` (into each GP's own
-        inducing inputs), shape (*batch_shape, n, H)."""
+        inducing inputs), shape ``(*batch_shape, n, H)``."""
         X = self._check_X(X)
         return nearest_inducing(
             X, self.inducing_points, self.num_neighbors, method=self.neighbor_method
@@ -429,8 +429,8 @@ class SWSGP(nn.Module):
 
         Parameters
         ----------
-        X : Tensor, shape (B, d) or (*batch_shape, B, d)
-        y : Tensor, shape (B,), (B, 1) or (*batch_shape, B)
+        X : Tensor, shape (B, d) or ``(*batch_shape, B, d)``
+        y : Tensor, shape (B,), (B, 1) or ``(*batch_shape, B)``
         num_data : int
             Training-set size ``N``.
 
@@ -482,8 +482,8 @@ class SWSGP(nn.Module):
 
         Parameters
         ----------
-        X : Tensor, shape (N, d) or (*batch_shape, N, d)
-        y : Tensor, shape (N,), (N, 1) or (*batch_shape, N)
+        X : Tensor, shape (N, d) or ``(*batch_shape, N, d)``
+        y : Tensor, shape (N,), (N, 1) or ``(*batch_shape, N)``
             With a batch of GPs, every GP sees the same minibatch positions at each step.
         epochs : int, default 10
         batch_size : int, default 1024
@@ -548,7 +548,7 @@ class SWSGP(nn.Module):
         equals the marginal (``joint=False``) variance when all rows share one neighbour set
         (e.g. ``n = 1`` or ``H = M``); otherwise each point is conditioned on the larger set
         ``U`` instead of its own ``H`` neighbours (the approximation made for the joint).
-        Cost O(|U|^3 + n |U|^2 + n^2 |U|) with ``|U| <= min(M, n H)``, no chunking: meant
+        Cost ``O(|U|^3 + n |U|^2 + n^2 |U|)`` with ``|U| <= min(M, n H)``, no chunking: meant
         for moderate ``n``. A batch of GPs pads the unions to the largest one (padding slots
         decouple exactly: unit prior block, zero cross-covariance and zero ``q``).
 
@@ -558,7 +558,7 @@ class SWSGP(nn.Module):
 
         Parameters
         ----------
-        X : Tensor, shape (n, d) or (*batch_shape, n, d)
+        X : Tensor, shape (n, d) or ``(*batch_shape, n, d)``
         joint : bool, default False
             Return the joint covariance (n, n) per GP instead of marginal variances.
         observation_noise : bool, default False
@@ -567,8 +567,8 @@ class SWSGP(nn.Module):
         Returns
         -------
         GaussianPosterior
-            Mean of shape (*batch_shape, n, 1) with variance of the same shape, or
-            covariance (*batch_shape, n, n) when ``joint``.
+            Mean of shape ``(*batch_shape, n, 1)`` with variance of the same shape, or
+            covariance ``(*batch_shape, n, n)`` when ``joint``.
         """
         X = self._check_X(X)
         if observation_noise and not isinstance(self.likelihood, GaussianLikelihood):

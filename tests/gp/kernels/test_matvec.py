@@ -6,7 +6,13 @@ import pytest
 import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, ScaleKernel
 
-from gp.kernels import cross_covariance_chunks, default_tile_size, kernel_diag, kernel_matvec
+from gp.kernels import (
+    TILE_BYTES,
+    cross_covariance_chunks,
+    default_tile_size,
+    kernel_diag,
+    kernel_matvec,
+)
 
 DT = torch.float64
 
@@ -78,9 +84,9 @@ def test_chunks_and_diag() -> None:
     torch.testing.assert_close(diag, k(X).to_dense().diagonal(dim1=-2, dim2=-1))
 
 
-def test_default_tile_is_about_64_mib_and_bad_input() -> None:
+def test_default_tile_is_about_tile_bytes_and_bad_input() -> None:
     rows = default_tile_size(1000, 1, torch.float64)
-    assert rows * 1000 * 8 <= 64 * 2**20 < (rows + 1) * 1000 * 8
+    assert rows * 1000 * 8 <= TILE_BYTES < (rows + 1) * 1000 * 8
     assert default_tile_size(10**9, 4, torch.float32) == 1
     k = _kernel()
     X = torch.randn(5, 2, dtype=DT)
