@@ -267,9 +267,8 @@ class _GPRegressorBase(_DevicePickleMixin, RegressorMixin, BaseEstimator, ABC):
             post = self._unstandardise(self._joint_posterior(x))
             noise = float(self.model_.noise) * float(self.y_scaler_.scale) ** 2
             post = post.add_observation_noise(noise)
-            base = torch.as_tensor(
-                rng.standard_normal((n_samples, x.shape[0], 1)), dtype=_DTYPE, device=x.device
-            )
+            shape = (n_samples, *post.base_sample_shape)
+            base = torch.as_tensor(rng.standard_normal(shape), dtype=_DTYPE, device=x.device)
             draws = post.rsample_from_base_samples(torch.Size([n_samples]), base)
         return draws[..., 0].T.cpu().numpy()
 
@@ -460,19 +459,7 @@ class StateSpaceGPRegressor(_GPRegressorBase):
         -------
         ndarray, shape (n_new, n_samples)
         """
-        check_int("n_samples", n_samples)
-        if random_state is None:
-            random_state = self.random_state
-        rng = check_random_state(random_state)
-        x = self._inputs(X)
-        with torch.no_grad():
-            post = self._unstandardise(self._joint_posterior(x))
-            noise = float(self.model_.noise) * float(self.y_scaler_.scale) ** 2
-            post = post.add_observation_noise(noise)
-            shape = (n_samples, *post.base_sample_shape)
-            base = torch.as_tensor(rng.standard_normal(shape), dtype=_DTYPE, device=x.device)
-            draws = post.rsample_from_base_samples(torch.Size([n_samples]), base)
-        return draws[..., 0].T.cpu().numpy()
+        return super().sample_y(X, n_samples, random_state)
 
     def posterior(self, X, observation_noise: bool = False) -> GaussianPosterior:
         """Posterior at ``X`` (n, 1) in original target units: a
