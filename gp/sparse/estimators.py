@@ -334,10 +334,14 @@ class SparseGPRegressor(RegressorMixin, _SparseGPBase):
         return (mean, post.stddev[:, 0].cpu().double().numpy()) if return_std else mean
 
     def sample_y(self, X, n_samples: int = 1, random_state=None) -> np.ndarray:
-        """Joint draws of ``y = f + eps`` at the rows of ``X`` (``method="svgp"`` only).
+        """Joint draws of ``y = f + eps`` at the rows of ``X``.
 
-        Uses the joint ``q(f)`` covariance over the ``n`` points (O(n^2 M) time, O(n^2)
-        memory) plus independent noise. SWSGP gives marginals only, so it has no joint draws.
+        Uses the joint ``q(f)`` covariance over the ``n`` points plus independent noise:
+        O(n^2 M) time for SVGP; for SWSGP the joint of ``f(X)`` given ``q`` on the union ``U``
+        of the rows' neighbour sets (O(|U|^3 + n^2 |U|), see
+        :meth:`gp.sparse.swsgp.SWSGP.posterior`), whose diagonal can be slightly tighter than
+        the per-point marginals of :meth:`predict` (each point is conditioned on more
+        inducing variables). O(n^2) memory: meant for moderate ``n``.
 
         Parameters
         ----------
@@ -352,11 +356,6 @@ class SparseGPRegressor(RegressorMixin, _SparseGPBase):
         """
         check_int("n_samples", n_samples)
         check_is_fitted(self)
-        if self.method != "svgp":
-            raise ValueError(
-                f"sample_y needs the joint posterior of method='svgp'; method={self.method!r} "
-                "has marginal predictions only"
-            )
         rng = check_random_state(self.random_state if random_state is None else random_state)
         x = self._inputs(X)
         with torch.no_grad():

@@ -142,9 +142,21 @@ def test_sample_y_is_joint_and_seeded():
     # Monte Carlo mean and variance: 5 standard errors (sd / sqrt(S), sd^2 sqrt(2 / S))
     assert np.all(np.abs(draws.mean(1) - mean) < 5 * std / np.sqrt(S))
     assert np.all(np.abs(draws.var(1) - std**2) < 5 * std**2 * np.sqrt(2 / S))
-    sw = SparseGPRegressor("swsgp", num_inducing=16, num_neighbors=4, epochs=1).fit(X, y)
-    with pytest.raises(ValueError, match="joint"):
-        sw.sample_y(X_new)
+    # SWSGP: joint draws from the union-neighbourhood posterior (its own mean and covariance)
+    sw = SparseGPRegressor(
+        "swsgp", num_inducing=16, num_neighbors=4, epochs=1, dtype="float64", random_state=0
+    ).fit(X, y)
+    draws = sw.sample_y(X_new, n_samples=S)
+    joint = sw._unstandardise(
+        sw.model_.posterior(sw._inputs(X_new), joint=True, observation_noise=True)
+    )
+    cov = joint.covariance_matrix.numpy()
+    sd = np.sqrt(np.diag(cov))
+    assert np.all(np.abs(draws.mean(1) - joint.mean[:, 0].numpy()) < 5 * sd / np.sqrt(S))
+    assert np.all(np.abs(draws.var(1) - sd**2) < 5 * sd**2 * np.sqrt(2 / S))
+    corr = np.corrcoef(draws)[0, 1]
+    expected = cov[0, 1] / (sd[0] * sd[1])
+    assert abs(corr - expected) < 5 * (1 - expected**2) / np.sqrt(S)  # sd of a sample corr.
 
 
 def test_device_option_on_cpu():
