@@ -45,13 +45,13 @@ from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
 
 from bdl._validation import check_int, check_positive
-from bdl.posterior import GaussianPosterior
 
 from .discretise import discretise
+from .ffbs import StateSpacePosterior
 from .grid import TimeGrid, make_grid
-from .kalman import kalman_filter, rts_smoother
+from .kalman import FilterResult, kalman_filter, rts_smoother
 from .likelihoods import check_targets, expected_log_lik, expected_log_lik_grads
-from .parallel import parallel_kalman_filter, parallel_rts_smoother
+from .parallel import parallel_kalman_filter, parallel_rts_smoother, smoothing_elements
 from .sde import LTISDE
 
 __all__ = ["CVIConfig", "CVIResult", "CVISites", "cvi_elbo", "cvi_posterior", "run_cvi"]
@@ -162,6 +162,22 @@ def _pseudo_marginals(
     Returns ``log Z`` (shape ()) and the smoothed mean and variance of ``f`` at every grid
     point (shape (N,) each).
     """
+    result, m_s, P_s = _pseudo_smoother(sde, A, Q, grid, pos, nat1, nat2, method)
+    h = sde.H.reshape(-1)
+    return result.log_likelihood, m_s @ h, (P_s @ h @ h).clamp_min(0)
+
+
+def _pseudo_smoother(
+    sde: LTISDE,
+    A: Tensor,
+    Q: Tensor,
+    grid: TimeGrid,
+    pos: Tensor,
+    nat1: Tensor,
+    nat2: Tensor,
+    method: str,
+) -> tuple[FilterResult, Tensor, Tensor]:
+    """Filter result and smoothed state moments (N, d), (N, d, d) of the pseudo-data model."""
     N = grid.times.shape[0]
     y = nat1.new_full((N,), float("nan")).index_put((pos,), nat1 / nat2)
     noise = nat2.new_ones(N).index_put((pos,), 1.0 / nat2)
@@ -172,8 +188,7 @@ def _pseudo_marginals(
     )
     result = run(A, Q, sde.H, sde.Pinf, y, noise, zero_step=grid.zero_step)
     m_s, P_s = smooth(A, result, zero_step=grid.zero_step)
-    h = sde.H.reshape(-1)
-    return result.log_likelihood, m_s @ h, (P_s @ h @ h).clamp_min(0)
+    return result, m_s, P_s
 
 
 def _elbo(
@@ -387,8 +402,8 @@ def cvi_posterior(
     sites: CVISites,
     config: CVIConfig | None = None,
     method: str = "sequential",
-) -> GaussianPosterior:
-    """Variational posterior marginals ``q(f(t_new))`` (CVI run to convergence first).
+) -> StateSpacePosterior:
+    """Variational posterior ``q(f(t_new))`` (CVI run to convergence first).
 
     The converged sites are pseudo-observations at the training times; the RTS smoother on
     the training times merged with ``t_new`` gives the marginals anywhere (interpolation and
@@ -404,8 +419,9 @@ def cvi_posterior(
 
     Returns
     -------
-    GaussianPosterior
-        ``mean`` and marginal ``variance`` of ``f``, shape (n_new, 1).
+    StateSpacePosterior
+        ``mean`` and marginal ``variance`` of ``f``, shape (n_new, 1); ``rsample`` draws
+        joint samples of ``f`` under ``q`` by FFBS.
     """
     config = CVIConfig() if config is None else config
     grid, obs, pos, y_obs = _prepare(likelihood, t, y, t_new)
@@ -413,6 +429,20 @@ def cvi_posterior(
     merged = make_grid(t, y, t_new)
     A, Q = discretise(sde, merged.dt)
     pos_merged = merged.train_index[obs]
-    _, m, v = _pseudo_marginals(sde, A, Q, merged, pos_merged, result.nat1, result.nat2, method)
-    idx = merged.new_index
-    return GaussianPosterior(m[idx].unsqueeze(-1), variance=v[idx].unsqueeze(-1))
+    filtered, m_s, P_s = _pseudo_smoother(
+        sde, A, Q, merged, pos_merged, result.nat1, result.nat2, method
+    )
+    # q(f) is the exact posterior of the Gaussian pseudo-data model: its joint law (FFBS
+    # draws, dense covariance on request) comes from the same smoother as for a Gaussian GP
+    h, idx = sde.H.reshape(-1), merged.new_index
+    cov_h = P_s[idx] @ h  # (n_new, d)
+    return StateSpacePosterior(
+        mean=(m_s[idx] @ h).unsqueeze(-1),
+        variance=(cov_h @ h).clamp_min(0).unsqueeze(-1),
+        elements=smoothing_elements(A, filtered, zero_step=merged.zero_step),
+        h=h,
+        new_index=idx,
+        cov_h=cov_h,
+        prior_scale=sde.Pinf.detach().diagonal(),
+        method=method,
+    )

@@ -50,7 +50,10 @@ def discretise(sde: LTISDE, dt: Tensor) -> tuple[Tensor, Tensor]:
     if dt.numel() == 0:
         empty = sde.F.new_zeros(0, d, d)
         return empty, empty
-    unique, inverse = torch.unique(dt, return_inverse=True)
+    if torch.is_grad_enabled() and dt.requires_grad:  # torch.unique has no derivative
+        unique, inverse = dt, torch.arange(dt.shape[0], device=dt.device)
+    else:
+        unique, inverse = torch.unique(dt, return_inverse=True)
     A_unique = torch.linalg.matrix_exp(unique[:, None, None] * sde.F)  # (u, d, d)
     Q_unique = sde.Pinf - A_unique @ sde.Pinf @ A_unique.mT
     Q_unique = 0.5 * (Q_unique + Q_unique.mT)

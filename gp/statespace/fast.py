@@ -208,11 +208,18 @@ def fast_log_marginal_likelihood(
         raise ImportError("backend='numba' needs numba: pip install bdlgp[fast]")
     if not use_numba:
         return _torch_lml(sde, dt, y, noise)
-    H = sde.H.reshape(1, -1)
-    inputs = (sde.F, sde.Pinf, H, noise, dt, y)
+    # Balance the state (x -> x / s, s = sqrt(diag Pinf)): the LML is invariant under this
+    # similarity, but raw Matérn coordinates span lambda^(2k) (up to ~1e13 for short
+    # lengthscales), which costs the compiled loops their accuracy. s is a constant of the
+    # transform, so gradients flow through F, Pinf and H unchanged.
+    s = sde.Pinf.detach().diagonal().clamp_min(torch.finfo(sde.dtype).tiny).sqrt()
+    F = sde.F * s / s[:, None]
+    Pinf = sde.Pinf / (s[:, None] * s)
+    H = sde.H.reshape(1, -1) * s
+    inputs = (F, Pinf, H, noise, dt, y)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return _KalmanLML.apply(*inputs)
-    arrays = [_as_numpy(x) for x in (sde.F, sde.Pinf, H.reshape(-1), noise, dt, y)]
+    arrays = [_as_numpy(x) for x in (F, Pinf, H.reshape(-1), noise, dt, y)]
     empty = np.empty((0, 0, 0))
     ll = _kernels().forward(*arrays, False, empty, np.empty((0, 0)), empty)
     return torch.tensor(ll, dtype=torch.promote_types(sde.dtype, y.dtype), device=y.device)

@@ -36,17 +36,20 @@ def psd_factor(L: Tensor, scale: Tensor | float) -> Tensor:
 
     Backward conditionals are often singular (``L = 0`` for repeated times and for
     undamped resonators such as the cosine kernel), so a plain Cholesky fails. This adds a
-    jitter ``delta I`` with ``delta = c d eps scale`` (``c = 1e2``, raised to ``1e4``,
+    jitter ``diag(delta)`` with ``delta = c d eps scale`` (``c = 1e2``, raised to ``1e4``,
     ``1e6`` only if needed; ``eps`` the dtype's resolution and ``scale`` the size of the
-    prior variances), which changes the sampled covariance by ``O(eps)`` relative — the
+    prior variance of each state), which changes the sampled covariance by ``O(eps)`` relative — the
     accuracy to which ``L`` is known anyway. Exactly-zero matrices get an exactly-zero
     factor (repeated times give identical draws).
 
     Parameters
     ----------
     L : Tensor, shape (..., d, d)
-    scale : Tensor or float
-        Variance scale, e.g. the largest diagonal entry of the stationary covariance.
+    scale : Tensor, shape () or (d,), or float
+        Variance scale per state, e.g. the diagonal of the stationary covariance. Per-state
+        scales matter: the diagonal of a Matérn ``Pinf`` spans ``lambda^(2k)``, so one
+        common scale (its maximum) would swamp the small variances of ``f`` for short
+        lengthscales.
 
     Returns
     -------

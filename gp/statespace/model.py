@@ -403,7 +403,7 @@ class StateSpaceGP(nn.Module):
             h=h,
             new_index=index,
             cov_h=cov_h,
-            prior_scale=sde.Pinf.detach().diagonal().max(),
+            prior_scale=sde.Pinf.detach().diagonal(),  # per state: diag(Pinf) spans lambda^2k
             method=method,
         )
         if observation_noise:

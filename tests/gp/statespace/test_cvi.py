@@ -179,10 +179,16 @@ def test_posterior_at_new_times_matches_dense(fitted) -> None:
         m, _ = _q_from_sites(K, lam1, lam2)
         mean = k_new @ torch.linalg.solve(K, m)
         var = k_nn - (k_new * torch.linalg.solve(K + torch.diag(1 / lam2), k_new.mT).mT).sum(-1)
+        k_full = kernel(t_new, t_new).to_dense()
+        cov = k_full - k_new @ torch.linalg.solve(K + torch.diag(1 / lam2), k_new.mT)
         post = model.posterior(t_new)
+        joint = post.covariance_matrix  # the joint q(f(t_new)), also what FFBS draws from
     assert isinstance(post, gp.GaussianPosterior) and post.mean.shape == (6, 1)
     torch.testing.assert_close(post.mean.squeeze(-1), mean, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(post.variance.squeeze(-1), var, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(joint, cov, rtol=1e-8, atol=1e-9)
+    draws = post.rsample(torch.Size([3]))
+    assert draws.shape == (3, 6, 1) and bool(torch.isfinite(draws).all())
 
 
 def test_elbo_gradient_matches_dense_and_finite_differences(fitted) -> None:

@@ -233,3 +233,22 @@ def test_cuda_batched_draws_match_cpu() -> None:
     expected = cpu.rsample_from_base_samples(torch.Size([5]), base)
     torch.testing.assert_close(draws.cpu(), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gpu.covariance_matrix.cpu(), cpu.covariance_matrix)
+
+
+@pytest.mark.parametrize("method", ["sequential", "parallel"])
+def test_draws_are_right_for_short_lengthscales(method: str) -> None:
+    # diag(Pinf) of a Matérn-5/2 spans lambda^4 ~ 1e9 here: a jitter scaled by its largest
+    # entry would swamp the tiny posterior variance of f (it did: 5x too large at ell = 1e-2).
+    kernel = ScaleKernel(MaternKernel(nu=2.5)).to(DT)
+    kernel.base_kernel.lengthscale = 1e-2
+    g = torch.Generator().manual_seed(4)
+    t = torch.sort(torch.rand(60, generator=g, dtype=DT)).values
+    y = torch.sin(20 * t) + 0.01 * torch.randn(60, generator=g, dtype=DT)
+    model = StateSpaceGP(kernel, noise=1e-4, method=method).to(DT).set_data(t, y)
+    t_new = torch.linspace(0.1, 0.9, 7, dtype=DT)
+    post = model.posterior(t_new)
+    S = 4000
+    draws = post.rsample(torch.Size([S]), generator=torch.Generator().manual_seed(0))[..., 0]
+    exact = post.variance[:, 0]
+    # sample variance / exact: mean 1, sd sqrt(2 / S) per point; 5 sd
+    assert bool(((draws.var(0) / exact - 1).abs() < 5 * (2 / S) ** 0.5).all())
