@@ -338,7 +338,7 @@ class SparseGPRegressor(RegressorMixin, _SparseGPBase):
 
         Uses the joint ``q(f)`` covariance over the ``n`` points plus independent noise:
         O(n^2 M) time for SVGP; for SWSGP the joint of ``f(X)`` given ``q`` on the union ``U``
-        of the rows' neighbour sets (O(|U|^3 + n^2 |U|), see
+        of the rows' neighbour sets (``O(|U|^3 + n^2 |U|)``, see
         :meth:`gp.sparse.swsgp.SWSGP.posterior`), whose mean and variances differ from the
         per-point marginals of :meth:`predict` in either direction (each point is
         conditioned on the union, not on its own H neighbours). O(n^2) memory: meant for
