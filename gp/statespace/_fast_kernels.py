@@ -391,32 +391,21 @@ def forward(F, Pinf, h, R, dt, y, store, A_tape, m_tape, P_tape):  # noqa: ANN00
         if store:
             _setv(m_tape[k], m)
             _set(P_tape[k], P)
-        yk = y[k]
-        if yk == yk:  # observed (not NaN): update
-            s = R[k] if per_step else R[0]
-            v = yk
-            for i in range(d):
-                acc = 0.0
-                for j in range(d):
-                    acc += P[i, j] * h[j]
-                c[i] = acc
-                s += h[i] * acc
-                v -= h[i] * m[i]
-            for i in range(d):
-                m[i] += c[i] * (v / s)
-                for j in range(d):
-                    P[i, j] -= c[i] * c[j] / s
-            ll -= 0.5 * (v * v / s + math.log(s) + _LOG_2PI)
+        ll += _filtered(m, P, P, h, y[k], R, k, per_step, c)  # in place (P aliases Pp)
     return ll
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _filtered(m, P, Pp, h, yk, R, k, per_step, c):  # noqa: ANN001, ANN202
-    """Filtered moments from predicted ones: ``m`` holds ``m^-`` on entry; ``P`` gets ``P``."""
+    """Filtered moments from predicted ones: ``m`` holds ``m^-`` on entry; ``P`` gets ``P``.
+
+    Returns the step's log-likelihood term ``log N(y_k; h^T m^-, h^T P^- h + R_k)`` (0 when
+    ``y_k`` is missing). ``P`` may alias ``Pp``: ``Pp`` is only read before ``P`` is written.
+    """
     d = m.shape[0]
     _set(P, Pp)
     if yk != yk:
-        return
+        return 0.0
     s = R[k] if per_step else R[0]
     v = yk
     for i in range(d):
@@ -430,6 +419,7 @@ def _filtered(m, P, Pp, h, yk, R, k, per_step, c):  # noqa: ANN001, ANN202
         m[i] += c[i] * (v / s)
         for j in range(d):
             P[i, j] -= c[i] * c[j] / s
+    return -0.5 * (v * v / s + math.log(s) + _LOG_2PI)
 
 
 @njit(cache=True, error_model="numpy")
