@@ -20,8 +20,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
 
-from bdl._training import shuffled_batches, train_epochs
-from bdl._validation import check_choice, check_int, check_positive
+from bdl.core.training import shuffled_batches, train_epochs
+from bdl.core.validation import check_choice, check_int, check_positive
 from bdl.lastlayer import (
     GenerativeVBLLClassification,
     HeteroscedasticVBLLRegression,
@@ -29,7 +29,7 @@ from bdl.lastlayer import (
     VBLLRegression,
 )
 from bdl.nets import make_mlp
-from bdl.posterior import CategoricalPosterior, GaussianPosterior
+from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 
 __all__ = ["VBLLRegressor", "VBLLClassifier"]
 

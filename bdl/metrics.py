@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from bdl._validation import check_choice, check_int, check_tensor
+from bdl.core.validation import check_choice, check_int, check_tensor
 
 __all__ = [
     "ReliabilityData",

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from bdl._validation import check_int
+from bdl.core.validation import check_int
 
 
 def make_mlp(in_features: int, hidden_sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:

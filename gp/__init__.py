@@ -1,47 +1,59 @@
 """Gaussian processes on gpytorch kernels, sharing ``bdl``'s posterior interface.
 
-Available now: :class:`ExactGP` (exact by default: Cholesky with bounded, reported jitter and an
-analytic log-marginal-likelihood gradient), :class:`StateSpaceGP` (exact O(n) Kalman inference
-for time series), :class:`SVGP` (sparse variational GP with Gaussian, Bernoulli, Poisson or
-softmax likelihoods, minibatch training with natural gradients) and memory-bounded kernel
-products (:func:`kernel_matvec`). Hyperparameters
-are fitted by :func:`fit_hyperparameters` (type-II maximum likelihood), and
+:class:`ExactGP` (exact by default: Cholesky with bounded, reported jitter and an analytic
+log-marginal-likelihood gradient), :class:`StateSpaceGP` (exact O(n) Kalman inference for
+time series), :class:`SVGP` and :class:`SWSGP` (sparse variational GPs with Gaussian,
+Bernoulli, Poisson or softmax likelihoods) and memory-bounded kernel products
+(:func:`kernel_matvec`). Every model follows :class:`bdl.core.Model`. Hyperparameters are
+fitted by :func:`fit_hyperparameters` (type-II maximum likelihood), and
 :class:`GPRegressor` / :class:`StateSpaceGPRegressor` / :class:`SparseGPRegressor` /
-:class:`SparseGPClassifier` wrap the models as scikit-learn estimators. The posterior types
-every model returns are re-exported here.
+:class:`SparseGPClassifier` wrap the models as scikit-learn estimators. Names are imported
+lazily, on first use.
 """
 
-from bdl.posterior import GaussianPosterior, Posterior
-from gp.estimators import GPRegressor, StateSpaceGPRegressor
-from gp.exact import ExactGP
-from gp.fitting import fit_hyperparameters
-from gp.kernels import cross_covariance_chunks, kernel_diag, kernel_matvec
-from gp.sparse import (
-    SVGP,
-    SWSGP,
-    PoissonLikelihood,
-    SparseGPClassifier,
-    SparseGPRegressor,
-    select_inducing_points,
-)
-from gp.statespace import StateSpaceGP, kernel_to_sde
+from __future__ import annotations
 
-__all__ = [
-    "ExactGP",
-    "GPRegressor",
-    "GaussianPosterior",
-    "Posterior",
-    "PoissonLikelihood",
-    "SVGP",
-    "SWSGP",
-    "SparseGPClassifier",
-    "SparseGPRegressor",
-    "StateSpaceGP",
-    "StateSpaceGPRegressor",
-    "cross_covariance_chunks",
-    "fit_hyperparameters",
-    "kernel_diag",
-    "kernel_matvec",
-    "kernel_to_sde",
-    "select_inducing_points",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ExactGP": "gp.exact",
+    "GPRegressor": "gp.exact.estimators",
+    "StateSpaceGP": "gp.statespace",
+    "StateSpaceGPRegressor": "gp.statespace.estimators",
+    "kernel_to_sde": "gp.statespace",
+    "SVGP": "gp.sparse",
+    "SWSGP": "gp.sparse",
+    "SparseGPClassifier": "gp.sparse.estimators",
+    "SparseGPRegressor": "gp.sparse.estimators",
+    "select_inducing_points": "gp.sparse",
+    "GaussianLikelihood": "gp.likelihoods",
+    "BernoulliLikelihood": "gp.likelihoods",
+    "BernoulliLogitLikelihood": "gp.likelihoods",
+    "PoissonLikelihood": "gp.likelihoods",
+    "SoftmaxLikelihood": "gp.likelihoods",
+    "fit_hyperparameters": "gp.fitting",
+    "cross_covariance_chunks": "gp.kernels",
+    "kernel_diag": "gp.kernels",
+    "kernel_matvec": "gp.kernels",
+    "GaussianPosterior": "bdl.core.posterior",
+    "Posterior": "bdl.core.posterior",
+}
+_SUBMODULES = ("exact", "fitting", "kernels", "likelihoods", "sparse", "statespace")
+
+__all__ = [*_LAZY, *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"gp.{name}")
+    else:
+        raise AttributeError(f"module 'gp' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

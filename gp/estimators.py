@@ -30,9 +30,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_int, check_positive
+from bdl.core.validation import check_choice, check_int, check_positive
 from bdl.estimators import _Standardizer
-from bdl.posterior import GaussianPosterior
+from bdl.core.posterior import GaussianPosterior
 from gp.exact import ExactGP
 from gp.fitting import fit_hyperparameters
 from gp.statespace import StateSpaceGP, StateSpacePosterior

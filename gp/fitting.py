@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdl._validation import check_choice, check_int, check_positive
+from bdl.core.validation import check_choice, check_int, check_positive
 
 __all__ = ["fit_hyperparameters"]
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_int, check_positive
+from bdl.core.validation import check_int, check_positive
 from bdl.lastlayer._covariance import (
     COVARIANCE_KINDS,
     Covariance,

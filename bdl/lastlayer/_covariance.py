@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from bdl._linalg import psd_safe_cholesky
+from bdl.core.linalg import psd_safe_cholesky
 
 COVARIANCE_KINDS = ("dense", "diagonal", "lowrank")
 

@@ -8,7 +8,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_positive
+from bdl.core.validation import check_choice, check_positive
 from bdl.lastlayer._base import (
     GaussianWeights,
     check_head_args,

@@ -18,12 +18,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_int
+from bdl.core.validation import check_choice, check_int
 from bdl.lastlayer._base import (
     flatten_features,
 )
 from bdl.lastlayer._head import GaussianLastLayer
-from bdl.posterior import CategoricalPosterior
+from bdl.core.posterior import CategoricalPosterior
 
 PREDICTIVE_METHODS = ("meanfield", "mc")
 

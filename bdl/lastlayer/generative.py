@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_positive
+from bdl.core.validation import check_positive
 from bdl.lastlayer._base import (
     LOG_2PI,
     GaussianWeights,
@@ -28,7 +28,7 @@ from bdl.lastlayer._base import (
     require_num_data,
 )
 from bdl.lastlayer.classification import check_labels
-from bdl.posterior import CategoricalPosterior
+from bdl.core.posterior import CategoricalPosterior
 
 
 def diagonal_gaussian_log_density(phi: Tensor, means: Tensor, variances: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_positive
+from bdl.core.validation import check_choice, check_positive
 from bdl.lastlayer._base import (
     LOG_2PI,
     GaussianWeights,
@@ -28,7 +28,7 @@ from bdl.lastlayer._base import (
     flatten_features,
     require_num_data,
 )
-from bdl.posterior import GaussianPosterior
+from bdl.core.posterior import GaussianPosterior
 
 
 class HeteroscedasticVBLLRegression(nn.Module):

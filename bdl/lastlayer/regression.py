@@ -22,7 +22,7 @@ from bdl.lastlayer._base import (
     flatten_features,
 )
 from bdl.lastlayer._head import GaussianLastLayer
-from bdl.posterior import GaussianPosterior
+from bdl.core.posterior import GaussianPosterior
 
 
 def interleave_block_diagonal(blocks: Tensor) -> Tensor:

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdl._training import shuffled_batches, train_epochs
-from bdl._validation import check_choice, check_int, check_positive, check_tensor
+from bdl.core.training import shuffled_batches, train_epochs
+from bdl.core.validation import check_choice, check_int, check_positive, check_tensor
 from bdl.lastlayer.classification import VBLLClassification
 from bdl.lastlayer.regression import VBLLRegression
-from bdl.posterior import CategoricalPosterior, GaussianPosterior
+from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 
 __all__ = ["wrap", "VBLLWrapper"]
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bdl._validation import check_positive
+from bdl.core.validation import check_positive
 
 __all__ = ["SGMCMCOptimizer", "NonFiniteGradientError"]
 

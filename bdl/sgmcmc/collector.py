@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_int
-from bdl.posterior import CategoricalPosterior, SamplePosterior
+from bdl.core.validation import check_choice, check_int
+from bdl.core.posterior import CategoricalPosterior, SamplePosterior
 from bdl.sgmcmc.schedule import CyclicalSchedule
 
 __all__ = ["SampleCollector"]

@@ -58,10 +58,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
 
-from bdl._training import shuffled_batches
-from bdl._validation import check_choice, check_int, check_positive
+from bdl.core.training import shuffled_batches
+from bdl.core.validation import check_choice, check_int, check_positive
 from bdl.nets import make_mlp
-from bdl.posterior import CategoricalPosterior, SamplePosterior
+from bdl.core.posterior import CategoricalPosterior, SamplePosterior
 from bdl.sgmcmc._base import _check_real
 from bdl.sgmcmc.collector import SampleCollector
 from bdl.sgmcmc.psgld import PSGLD

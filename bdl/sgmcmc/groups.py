@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_int
+from bdl.core.validation import check_int
 
 __all__ = [
     "layer_groups",

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bdl._validation import check_positive
+from bdl.core.validation import check_positive
 from bdl.sgmcmc._base import SGMCMCOptimizer, _Bucket, _check_real
 
 __all__ = ["PSGLD"]

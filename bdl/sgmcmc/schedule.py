@@ -35,7 +35,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from bdl._validation import check_int
+from bdl.core.validation import check_int
 from bdl.sgmcmc._base import _check_real
 
 __all__ = ["CyclicalSchedule"]

@@ -59,7 +59,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_int, check_positive
+from bdl.core.validation import check_choice, check_int, check_positive
 
 __all__ = ["hessian_max_eigenvalue", "initial_square_avg", "suggest_lr"]
 

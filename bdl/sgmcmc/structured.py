@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from bdl._validation import check_choice, check_int
+from bdl.core.validation import check_choice, check_int
 from bdl.sgmcmc._base import SGMCMCOptimizer, _check_real
 from bdl.sgmcmc.groups import (
     groups_from_names,

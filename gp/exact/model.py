@@ -10,8 +10,8 @@ from gpytorch.kernels import Kernel
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bdl._linalg import psd_safe_cholesky
-from bdl.posterior import GaussianPosterior
+from bdl.core.linalg import psd_safe_cholesky
+from bdl.core.posterior import GaussianPosterior
 from gp.kernels.matvec import cross_covariance_chunks, kernel_diag
 
 __all__ = ["ExactGP", "gaussian_log_marginal_likelihood"]
@@ -66,7 +66,7 @@ def gaussian_log_marginal_likelihood(K: Tensor, r: Tensor) -> Tensor:
 
     with ``K^{-1}`` from ``torch.cholesky_inverse`` (one extra O(n^3) pass, no autograd graph
     through the factorisation). If ``K`` is numerically not positive definite, bounded jitter
-    is added and reported (:func:`bdl._linalg.psd_safe_cholesky`, ``JitterWarning``); the value
+    is added and reported (:func:`bdl.core.linalg.psd_safe_cholesky`, ``JitterWarning``); the value
     and gradient are then those of the jittered matrix.
 
     Parameters

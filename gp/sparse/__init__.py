@@ -2,7 +2,7 @@
 
 from .estimators import SparseGPClassifier, SparseGPRegressor
 from .initialisation import nearest_neighbour_noise_variance, select_inducing_points
-from .likelihoods import PoissonLikelihood, make_likelihood
+from gp.likelihoods import PoissonLikelihood, make_likelihood
 from .svgp import SVGP
 from .swsgp import SWSGP
 

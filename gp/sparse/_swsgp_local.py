@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bdl._linalg import psd_safe_cholesky
+from bdl.core.linalg import psd_safe_cholesky
 
 __all__ = ["diag_lowrank_logdet", "fast_cholesky", "local_moments_and_kl"]
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bdl._linalg import psd_safe_cholesky
+from bdl.core.linalg import psd_safe_cholesky
 
 __all__ = ["whitened_marginal_updates"]
 

@@ -36,9 +36,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
 
-from bdl._validation import check_choice, check_int, check_positive
+from bdl.core.validation import check_choice, check_int, check_positive
 from bdl.estimators import _Standardizer
-from bdl.posterior import CategoricalPosterior, GaussianPosterior
+from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 from gp.estimators import _DevicePickleMixin, resolve_device
 from gp.sparse.initialisation import select_inducing_points
 from gp.sparse.svgp import SVGP

@@ -24,12 +24,12 @@ from linear_operator.operators import CholLinearOperator, DiagLinearOperator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdl._linalg import psd_safe_cholesky
-from bdl._validation import check_int, check_positive
-from bdl.posterior import GaussianPosterior
+from bdl.core.linalg import psd_safe_cholesky
+from bdl.core.validation import check_int, check_positive
+from bdl.core.posterior import GaussianPosterior
 from gp.sparse._whitened import whitened_marginal_updates
 from gp.sparse.initialisation import nearest_neighbour_noise_variance, select_inducing_points
-from gp.sparse.likelihoods import likelihood_kind, make_likelihood
+from gp.likelihoods import likelihood_kind, make_likelihood
 
 __all__ = ["SVGP"]
 
@@ -101,7 +101,7 @@ class SVGP(nn.Module):
         Initial inducing inputs ``Z`` (copied); see :func:`select_inducing_points`. The whole
         module (kernel and likelihood included) is moved to their dtype and device.
     likelihood : {"gaussian", "bernoulli", "poisson", "softmax"} or gpytorch Likelihood
-        Observation model (:func:`gp.sparse.likelihoods.make_likelihood`). Bernoulli uses the
+        Observation model (:func:`gp.likelihoods.make_likelihood`). Bernoulli uses the
         probit link and labels in {0, 1}; Poisson a log link; softmax one latent GP per class.
     num_classes : int, optional
         Number of classes for ``"softmax"``.

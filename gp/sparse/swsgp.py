@@ -46,7 +46,7 @@ from linear_operator.operators import DiagLinearOperator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdl.posterior import GaussianPosterior
+from bdl.core.posterior import GaussianPosterior
 from gp.sparse._swsgp_kernel import block_covariance
 from gp.sparse._swsgp_local import fast_cholesky, local_moments_and_kl
 from gp.sparse._swsgp_neighbors import NEIGHBOR_METHODS, nearest_inducing

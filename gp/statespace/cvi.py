@@ -44,7 +44,7 @@ import torch
 from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
 
-from bdl._validation import check_int, check_positive
+from bdl.core.validation import check_int, check_positive
 
 from .discretise import discretise
 from .ffbs import StateSpacePosterior

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bdl._linalg import psd_safe_cholesky
-from bdl.posterior import GaussianPosterior, _as_size
+from bdl.core.linalg import psd_safe_cholesky
+from bdl.core.posterior import GaussianPosterior, _as_size
 
 from .parallel import associative_scan
 

@@ -1,4 +1,4 @@
-"""Likelihoods for state-space GPs fitted by CVI: expected log-likelihoods and their gradients.
+"""Expected log-likelihoods and their gradients for state-space GPs fitted by CVI.
 
 Conjugate-computation VI (:mod:`.cvi`) needs, for every observation ``y_i`` and Gaussian
 marginal ``q(f_i) = N(m_i, v_i)``, the expected log-likelihood
@@ -12,7 +12,7 @@ Gaussian and the Poisson (log link) likelihoods, and computed by Gauss–Hermite
 otherwise (exact derivatives of the quadrature sum, so the CVI fixed point is the exact
 stationary point of the ELBO that is reported).
 
-Supported likelihoods (gpytorch classes where gpytorch has one):
+Supported likelihoods (the classes of :mod:`gp.likelihoods`):
 
 - :class:`gpytorch.likelihoods.GaussianLikelihood`: ``y ~ N(f, noise)`` (closed form);
 - :class:`gpytorch.likelihoods.BernoulliLikelihood`: ``p(y = 1 | f) = Phi(f)`` (probit; quadrature);
@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gpytorch.distributions import MultivariateNormal
 from gpytorch.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
-from gpytorch.likelihoods.likelihood import _OneDimensionalLikelihood
 from torch import Tensor
-from torch.distributions import Bernoulli, Poisson
+
+from gp.likelihoods import BernoulliLogitLikelihood, PoissonLikelihood
 
 __all__ = [
     "BernoulliLogitLikelihood",
@@ -47,37 +46,8 @@ __all__ = [
 _LOG_2PI = math.log(2.0 * math.pi)
 SUPPORTED = (
     "GaussianLikelihood, BernoulliLikelihood (gpytorch, probit), "
-    "gp.statespace.BernoulliLogitLikelihood, gp.statespace.PoissonLikelihood"
+    "gp.BernoulliLogitLikelihood, gp.PoissonLikelihood"
 )
-
-
-class PoissonLikelihood(_OneDimensionalLikelihood):
-    """Poisson counts with a log link: ``y ~ Poisson(exp(f))``.
-
-    The expected log-likelihood under ``f ~ N(m, v)`` is closed-form,
-    ``E = y m - exp(m + v / 2) - log y!``, and so is the predictive mean of ``y``,
-    ``exp(m + v / 2)``. Observations must be non-negative integer counts.
-    """
-
-    def forward(self, function_samples: Tensor, *args: Any, **kwargs: Any) -> Poisson:
-        return Poisson(rate=function_samples.exp())
-
-    def expected_log_prob(
-        self, observations: Tensor, function_dist: MultivariateNormal, *args: Any, **kwargs: Any
-    ) -> Tensor:
-        mean, var = function_dist.mean, function_dist.variance
-        return _poisson_expected(observations, mean, var)
-
-
-class BernoulliLogitLikelihood(_OneDimensionalLikelihood):
-    """Binary labels with a logistic link: ``p(y = 1 | f) = sigmoid(f)``, labels in {0, 1}.
-
-    gpytorch's :class:`~gpytorch.likelihoods.BernoulliLikelihood` is the probit version;
-    expectations under a Gaussian ``f`` use Gauss–Hermite quadrature here.
-    """
-
-    def forward(self, function_samples: Tensor, *args: Any, **kwargs: Any) -> Bernoulli:
-        return Bernoulli(logits=function_samples)
 
 
 def _poisson_expected(y: Tensor, mean: Tensor, var: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from gpytorch.kernels import Kernel
 from gpytorch.likelihoods import GaussianLikelihood, Likelihood
 from torch import Tensor, nn
 
-from bdl.posterior import GaussianPosterior
+from bdl.core.posterior import GaussianPosterior
 
 from .cvi import CVIConfig, CVISites, cvi_elbo, cvi_posterior
 from .discretise import discretise

@@ -31,8 +31,8 @@ from torch.distributions import (
     Normal,
 )
 
-from bdl._linalg import JitterWarning, psd_safe_cholesky
-from bdl.posterior import (
+from bdl.core.linalg import JitterWarning, psd_safe_cholesky
+from bdl.core.posterior import (
     CategoricalPosterior,
     GaussianPosterior,
     Posterior,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bdl.lastlayer import VBLLClassification
-from bdl.posterior import CategoricalPosterior
+from bdl.core.posterior import CategoricalPosterior
 
 DT = torch.float64
 

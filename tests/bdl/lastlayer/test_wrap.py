@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bdl.lastlayer import VBLLClassification, VBLLRegression, VBLLWrapper, wrap
-from bdl.posterior import CategoricalPosterior, GaussianPosterior
+from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 
 NOISE_STD = 0.1
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdl.posterior import CategoricalPosterior, SamplePosterior
+from bdl.core.posterior import CategoricalPosterior, SamplePosterior
 from bdl.sgmcmc import SGHMC, SGLD, CyclicalSchedule, SampleCollector
 
 N = 64

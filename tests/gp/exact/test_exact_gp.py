@@ -10,7 +10,7 @@ import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, ScaleKernel
 from torch.distributions import MultivariateNormal
 
-from bdl._linalg import JitterWarning
+from bdl.core.linalg import JitterWarning
 from gp import ExactGP, GaussianPosterior
 
 DT = torch.float64

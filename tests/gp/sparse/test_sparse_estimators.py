@@ -10,7 +10,7 @@ import torch
 from gpytorch.kernels import MaternKernel, ScaleKernel
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from bdl.posterior import CategoricalPosterior, GaussianPosterior
+from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 from gp import SVGP, SparseGPClassifier, SparseGPRegressor
 from gp.sparse.swsgp import SWSGP
 

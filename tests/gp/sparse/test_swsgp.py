@@ -15,7 +15,7 @@ import pytest
 import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, ScaleKernel
 
-from bdl.posterior import GaussianPosterior
+from bdl.core.posterior import GaussianPosterior
 from gp.sparse._swsgp_kernel import block_covariance
 from gp.sparse._swsgp_local import diag_lowrank_logdet, local_moments_and_kl
 from gp.sparse._swsgp_neighbors import nearest_inducing

@@ -10,7 +10,7 @@ import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, ScaleKernel
 
 import gp
-from bdl.posterior import GaussianPosterior
+from bdl.core.posterior import GaussianPosterior
 from gp.statespace import StateSpaceGP
 
 DT = torch.float64

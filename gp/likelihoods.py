@@ -1,12 +1,22 @@
-"""Likelihoods for sparse variational GPs: gpytorch's, plus a Poisson likelihood with log link.
+"""The one set of likelihoods every GP of ``gp`` uses: gpytorch's, plus two it lacks.
+
+- ``GaussianLikelihood`` (gpytorch): ``y ~ N(f, noise)``; built by :func:`make_likelihood`
+  with the noise bounded below by :data:`NOISE_LOWER_BOUND` (as gpytorch's and BoTorch's
+  defaults do, so that the noise of a GP fitted to noiseless or constant targets stays a
+  usable jitter instead of collapsing towards zero); pass ``noise_lower_bound`` to change it.
+- ``BernoulliLikelihood`` (gpytorch): ``p(y = 1 | f) = Phi(f)`` (probit), labels in {0, 1}.
+- :class:`BernoulliLogitLikelihood`: ``p(y = 1 | f) = sigmoid(f)``, labels in {0, 1}.
+- :class:`PoissonLikelihood`: ``y ~ Poisson(exp(f))`` (log link), counts.
+- ``SoftmaxLikelihood`` (gpytorch, no mixing weights): one latent GP per class.
 
 :func:`make_likelihood` turns a name (``"gaussian"``, ``"bernoulli"``, ``"poisson"``,
-``"softmax"``) or a gpytorch likelihood into the likelihood object an :class:`gp.SVGP` uses.
+``"softmax"``) or a gpytorch likelihood into the likelihood object a GP uses.
 """
 
 from __future__ import annotations
 
 import torch
+from gpytorch.constraints import GreaterThan
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.likelihoods import (
     BernoulliLikelihood,
@@ -16,11 +26,25 @@ from gpytorch.likelihoods import (
 )
 from gpytorch.likelihoods.likelihood import Likelihood
 from torch import Tensor
-from torch.distributions import Poisson
+from torch.distributions import Bernoulli, Poisson
 
-__all__ = ["LIKELIHOODS", "PoissonLikelihood", "likelihood_kind", "make_likelihood"]
+__all__ = [
+    "LIKELIHOODS",
+    "NOISE_LOWER_BOUND",
+    "BernoulliLikelihood",
+    "BernoulliLogitLikelihood",
+    "GaussianLikelihood",
+    "PoissonLikelihood",
+    "SoftmaxLikelihood",
+    "likelihood_kind",
+    "make_likelihood",
+]
 
 LIKELIHOODS = ("gaussian", "bernoulli", "poisson", "softmax")
+
+#: Default lower bound of a Gaussian noise variance (in the units the GP is fitted in;
+#: standardised targets in the estimators), as BoTorch's ``MIN_INFERRED_NOISE_LEVEL``.
+NOISE_LOWER_BOUND = 1e-6
 
 
 class PoissonLikelihood(_OneDimensionalLikelihood):
@@ -51,6 +75,18 @@ class PoissonLikelihood(_OneDimensionalLikelihood):
         return observations * mean - torch.exp(mean + 0.5 * var) - torch.lgamma(observations + 1)
 
 
+class BernoulliLogitLikelihood(_OneDimensionalLikelihood):
+    """Binary labels with a logistic link: ``p(y = 1 | f) = sigmoid(f)``, labels in {0, 1}.
+
+    gpytorch's ``BernoulliLikelihood`` is the probit version; expectations under a Gaussian
+    ``f`` use gpytorch's Gauss-Hermite quadrature.
+    """
+
+    def forward(self, function_samples: Tensor, *args: object, **kwargs: object) -> Bernoulli:
+        """Conditional distribution ``Bernoulli(sigmoid(f))`` of ``y`` given ``f``."""
+        return Bernoulli(logits=function_samples)
+
+
 def likelihood_kind(likelihood: Likelihood) -> str:
     """The name (one of :data:`LIKELIHOODS`) of a likelihood object, or ``"other"``."""
     if isinstance(likelihood, GaussianLikelihood):
@@ -68,6 +104,7 @@ def make_likelihood(
     likelihood: str | Likelihood,
     num_classes: int | None = None,
     batch_shape: torch.Size = torch.Size(),
+    noise_lower_bound: float = NOISE_LOWER_BOUND,
 ) -> Likelihood:
     """The likelihood object for a name, or the given gpytorch likelihood unchanged.
 
@@ -82,6 +119,8 @@ def make_likelihood(
         Number of classes ``C >= 2``; required for ``"softmax"`` and only allowed there.
     batch_shape : torch.Size
         Batch shape of independent GPs (for the Gaussian noise).
+    noise_lower_bound : float
+        Lower bound of the Gaussian noise variance (gpytorch ``GreaterThan`` constraint).
 
     Returns
     -------
@@ -103,7 +142,8 @@ def make_likelihood(
     if num_classes is not None:
         raise ValueError(f"num_classes is only used with likelihood='softmax', got {num_classes!r}")
     if likelihood == "gaussian":
-        return GaussianLikelihood(batch_shape=batch_shape)
+        constraint = GreaterThan(float(noise_lower_bound))
+        return GaussianLikelihood(batch_shape=batch_shape, noise_constraint=constraint)
     if likelihood == "bernoulli":
         return BernoulliLikelihood()
     return PoissonLikelihood()

@@ -78,3 +78,34 @@ def check_same_length(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
         raise ValueError(
             f"{name_a} and {name_b} have different lengths: {a.shape[0]} and {b.shape[0]}"
         )
+
+
+def check_inputs(X: object, d: int | None = None, *, name: str = "X") -> Tensor:
+    """Validate model inputs of shape ``(..., n, d)`` (a 1-D tensor is read as ``(n, 1)``).
+
+    Parameters
+    ----------
+    X : Tensor
+        Finite floating-point inputs.
+    d : int, optional
+        Required number of input dimensions.
+    name : str
+        Argument name used in error messages.
+
+    Returns
+    -------
+    Tensor, shape (..., n, d)
+    """
+    if not isinstance(X, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
+    if not X.is_floating_point():
+        raise ValueError(f"{name} must have a floating-point dtype, got {X.dtype}")
+    if X.dim() == 1:
+        X = X.unsqueeze(-1)
+    if X.dim() == 0 or X.shape[-2] == 0:
+        raise ValueError(f"{name} must have shape (..., n, d) with n >= 1, got {tuple(X.shape)}")
+    if d is not None and X.shape[-1] != d:
+        raise ValueError(f"{name} must have {d} input dimensions (last dim), got {X.shape[-1]}")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return X

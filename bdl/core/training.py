@@ -1,0 +1,323 @@
+"""The one minibatch training loop every model and estimator trains through.
+
+:func:`train` runs epochs of ``zero_grad / loss / backward / [grad hook] / [clip] / step``
+over batches from a callable, with any number of optimizers (e.g. natural gradients for
+variational parameters beside Adam for hyperparameters), gradient accumulation, per-step
+hooks (schedules, sample collection), early stopping through an epoch callback and an
+optional tqdm bar (off by default). ``grad_hook`` is where data-parallel training
+all-reduces gradients. :func:`minimize_lbfgs` is the full-batch alternative for small,
+smooth problems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bdl.core.validation import check_int
+
+__all__ = [
+    "EarlyStopping",
+    "minimize_lbfgs",
+    "seeded_generator",
+    "shuffled_batches",
+    "tensor_batches",
+    "train",
+]
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (a fresh random seed when ``None``)."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator | None, device: torch.device
+) -> Iterator[Tensor]:
+    """Index tensors of a random partition of ``range(n)`` into batches of ``batch_size``."""
+    order = torch.randperm(n, generator=generator).to(device)
+    return iter(order.split(batch_size))
+
+
+def tensor_batches(
+    tensors: Sequence[Tensor],
+    batch_size: int,
+    generator: torch.Generator | None,
+    *,
+    dims: int | Sequence[int] = 0,
+    shuffle: bool = True,
+) -> Callable[[], Iterator[tuple[Tensor, ...]]]:
+    """A batch source for :func:`train`: the same random minibatch of every tensor.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        Equally long along their data dimension.
+    batch_size : int
+        Clamped to the data size.
+    generator : torch.Generator or None
+        Source of each epoch's permutation.
+    dims : int or sequence of int, default 0
+        Data dimension of each tensor (one int for all), e.g. ``(-2, -1)`` for ``X`` of
+        shape ``(..., N, d)`` and ``y`` of shape ``(..., N)`` of a batch of GPs.
+    shuffle : bool, default True
+        A fresh permutation per epoch (otherwise the data order).
+
+    Returns
+    -------
+    callable
+        Each call returns an iterator over one epoch's tuples of tensors.
+    """
+    dims = [dims] * len(tensors) if isinstance(dims, int) else list(dims)
+    if len(dims) != len(tensors):
+        raise ValueError(f"dims must give one dimension per tensor, got {len(dims)}")
+    n = tensors[0].shape[dims[0]]
+    for t, d in zip(tensors, dims, strict=True):
+        if t.shape[d] != n:
+            raise ValueError(
+                f"tensors differ in length along their data dims: {n} and {t.shape[d]}"
+            )
+    batch_size = min(check_int("batch_size", batch_size), n)
+    device = tensors[0].device
+
+    def epoch() -> Iterator[tuple[Tensor, ...]]:
+        if shuffle:
+            order = shuffled_batches(n, batch_size, generator, device)
+        else:
+            order = iter(torch.arange(n, device=device).split(batch_size))
+        for idx in order:
+            yield tuple(t.index_select(d, idx) for t, d in zip(tensors, dims, strict=True))
+
+    return epoch
+
+
+class EarlyStopping:
+    """Keeps the best state of ``module`` by a validation score; stops after ``patience``.
+
+    Call it at the end of every epoch with that epoch's score (lower is better); it returns
+    True when training should stop. :meth:`restore` loads the best state back.
+    """
+
+    def __init__(self, module: nn.Module, patience: int) -> None:
+        self.module = module
+        self.patience = check_int("patience", patience)
+        self.best_score = float("inf")
+        self.best_state: dict[str, Tensor] | None = None
+        self.since_best = 0
+        self.scores: list[float] = []
+
+    def __call__(self, score: float) -> bool:
+        self.scores.append(float(score))
+        if score < self.best_score:
+            self.best_score = float(score)
+            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+    def restore(self) -> None:
+        """Load the best state seen (no-op if no score was given)."""
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+
+
+def _params_of(optimizers: Sequence[torch.optim.Optimizer]) -> list[Tensor]:
+    return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+
+
+def train(
+    loss_fn: Callable[..., Tensor],
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    batches: Callable[[], Iterable[tuple[Tensor, ...]]],
+    epochs: int,
+    *,
+    max_grad_norm: float | None = None,
+    accumulate: int = 1,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    grad_hook: Callable[[list[Tensor]], None] | None = None,
+    end_of_epoch: Callable[[int, float], bool] | None = None,
+    batch_len: Callable[[tuple[Tensor, ...]], int] | None = None,
+    verbose: bool = False,
+    desc: str = "fit",
+) -> list[float]:
+    """Minimise a per-datum loss by minibatch stochastic optimisation.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        Maps one batch's tensors to a scalar per-datum loss (a mean over the batch).
+    optimizers : Optimizer or sequence of Optimizer
+        Stepped in order after every ``accumulate`` batches.
+    batches : callable
+        Returns a fresh iterable of tuples of tensors each epoch (:func:`tensor_batches`).
+    epochs : int
+        Passes over the data (0: no training).
+    max_grad_norm : float, optional
+        Clip the gradient norm of all optimised parameters (None: no clipping).
+    accumulate : int, default 1
+        Batches whose gradients are summed (each loss weighted by ``1 / accumulate``)
+        before one optimizer step.
+    before_step, after_step : callable, optional
+        Called before and after each optimizer step (step-size schedules, sample
+        collection).
+    grad_hook : callable, optional
+        Receives the list of optimised parameters after backward, before clipping and
+        stepping (data-parallel all-reduce of gradients).
+    end_of_epoch : callable, optional
+        ``end_of_epoch(epoch, mean_loss)``; returning True stops training (early stopping).
+    batch_len : callable, optional
+        Number of data points in a batch, for the epoch's weighted mean loss (default: the
+        first tensor's leading size; a batch of GPs with ``X (..., n, d)`` passes
+        ``lambda b: b[0].shape[-2]``).
+    verbose : bool, default False
+        Show a tqdm progress bar with the running loss.
+    desc : str
+        Label of the progress bar.
+
+    Returns
+    -------
+    list of float
+        Mean training loss of each epoch (weighted by batch size; one device sync per epoch).
+
+    Raises
+    ------
+    RuntimeError
+        If the loss of an epoch is NaN or inf (with the epoch's index).
+    """
+    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+    check_int("epochs", epochs, minimum=0)
+    accumulate = check_int("accumulate", accumulate)
+    params = _params_of(optimizers)
+    history: list[float] = []
+    bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
+    for epoch in bar:
+        total, count, pending = None, 0, 0
+        for batch in batches():
+            if pending == 0:
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+            loss = loss_fn(*batch)
+            (loss / accumulate if accumulate > 1 else loss).backward()
+            pending += 1
+            if pending == accumulate:
+                _step(optimizers, params, max_grad_norm, before_step, after_step, grad_hook)
+                pending = 0
+            size = batch[0].shape[0] if batch_len is None else batch_len(batch)
+            weighted = loss.detach() * size
+            total = weighted if total is None else total + weighted
+            count += size
+        if pending:
+            _step(optimizers, params, max_grad_norm, before_step, after_step, grad_hook)
+        mean_loss = float(total) / max(count, 1) if total is not None else float("nan")
+        if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
+            raise RuntimeError(
+                f"the training loss became {mean_loss} in epoch {epoch}; lower the learning "
+                "rate or check the data for extreme values"
+            )
+        history.append(mean_loss)
+        if verbose:
+            bar.set_postfix(loss=f"{mean_loss:.4g}")
+        if end_of_epoch is not None and end_of_epoch(epoch, mean_loss):
+            break
+    return history
+
+
+def _step(
+    optimizers: Sequence[torch.optim.Optimizer],
+    params: list[Tensor],
+    max_grad_norm: float | None,
+    before_step: Callable[[], None] | None,
+    after_step: Callable[[], None] | None,
+    grad_hook: Callable[[list[Tensor]], None] | None,
+) -> None:
+    if grad_hook is not None:
+        grad_hook(params)
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if before_step is not None:
+        before_step()
+    for opt in optimizers:
+        opt.step()
+    if after_step is not None:
+        after_step()
+
+
+def minimize_lbfgs(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    *,
+    max_iter: int = 500,
+    lr: float = 1.0,
+    tolerance_grad: float = 1e-9,
+    tolerance_change: float = 1e-12,
+    verbose: bool = False,
+    desc: str = "lbfgs",
+) -> list[float]:
+    """Full-batch L-BFGS with a strong-Wolfe line search on ``loss_fn()``.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        Computes the scalar objective from the current parameters.
+    params : sequence of Tensor
+        Parameters to optimise.
+    max_iter : int
+        Maximum number of objective evaluations.
+
+    Returns
+    -------
+    list of float
+        The objective at every evaluation.
+    """
+    params = list(params)
+    history: list[float] = []
+    if not params or max_iter == 0:
+        return history
+    opt = torch.optim.LBFGS(
+        params, lr=lr, max_iter=max_iter, max_eval=max_iter,
+        tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+    with tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False) as bar:
+
+        def closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            if not bool(torch.isfinite(loss)):
+                raise RuntimeError(f"the objective became {float(loss)} during L-BFGS")
+            loss.backward()
+            history.append(float(loss.detach()))
+            bar.update(1)
+            return loss
+
+        opt.step(closure)
+    return history
+
+
+def train_epochs(
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[], Iterable[tuple[Tensor, ...]]],
+    loss_fn: Callable[..., Tensor],
+    epochs: int,
+    *,
+    max_grad_norm: float | None = 1.0,
+    desc: str = "fit",
+    verbose: bool = False,
+    end_of_epoch: Callable[[int], bool] | None = None,
+) -> list[float]:
+    """Transitional form of :func:`train` (one optimizer, clipping at 1 by default)."""
+    stop = None if end_of_epoch is None else (lambda epoch, _loss: end_of_epoch(epoch))
+    return train(
+        loss_fn, optimizer, batches, epochs, max_grad_norm=max_grad_norm,
+        end_of_epoch=stop, verbose=verbose, desc=desc,
+    )  # fmt: skip
