@@ -149,7 +149,8 @@ class Posterior(ABC):
         lower, upper : Tensor, shape (..., n, m)
         """
         raise NotImplementedError(
-            f"{type(self).__name__} has no confidence_region: its outputs are not real-valued"
+            f"{type(self).__name__} has no confidence_region: its outputs are not real-valued "
+            "(a CategoricalPosterior has prediction_set)"
         )
 
     def to(self, dtype: torch.dtype) -> Posterior:

@@ -57,8 +57,9 @@ class _Affine(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.register_buffer("offset", torch.zeros(width))
-        self.register_buffer("scale", torch.ones(width))
+        # statistics kept in float64 whatever the default dtype (cast to the input on use)
+        self.register_buffer("offset", torch.zeros(width, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(width, dtype=torch.float64))
 
     def _params(self, like: Tensor) -> tuple[Tensor, Tensor]:
         return self.offset.to(like), self.scale.to(like)
@@ -111,8 +112,8 @@ class Normalize(_Affine):
         self.fixed_bounds = bounds is not None
 
     def _set(self, offset: Tensor, scale: Tensor) -> None:
-        self.offset = offset.detach().clone()
-        self.scale = scale.detach().clone()
+        self.offset = offset.detach().to(torch.float64).clone()
+        self.scale = scale.detach().to(torch.float64).clone()
 
     def fit(self, X: Tensor) -> Normalize:
         """Fit the column statistics to training inputs ``X`` (n, d); returns self."""
@@ -142,8 +143,8 @@ class Standardize(_Affine):
         Y = _as_matrix(Y, "Y")
         self._check_width(Y, "Y")
         center = Y.mean(0)
-        self.offset = center.detach().clone()
-        self.scale = column_scale(Y, center).detach().clone()
+        self.offset = center.detach().to(torch.float64).clone()
+        self.scale = column_scale(Y, center).detach().to(torch.float64).clone()
         return self
 
     def untransform_posterior(self, posterior: Posterior) -> Posterior:
