@@ -1,6 +1,6 @@
 """Cost of one exact GP log marginal likelihood + gradient: ExactGP vs gpytorch vs lean torch.
 
-Protocol (/work/shared/BENCHMARKS.md, "Gaussian processes"): ``ScaleKernel(MaternKernel(nu=1.5))``
+Protocol: ``ScaleKernel(MaternKernel(nu=1.5))``
 with Gaussian noise, lengthscale 0.5, outputscale 1.3, noise 0.05; 1-D inputs uniform on
 ``[0, n / 100]`` (about 100 points per unit length), ``y = sin(2 pi x) + N(0, 0.05)``; float64;
 one thread. One evaluation = value + gradient with respect to the raw lengthscale, outputscale

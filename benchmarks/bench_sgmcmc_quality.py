@@ -1,8 +1,8 @@
 """Predictive quality of the SG-MCMC estimators at their defaults, beside the MAP baseline.
 
-Protocol: /work/shared/BENCHMARKS.md ("Bayesian deep learning"): the 80/20 split with seed 0
-(stratified for digits), inputs standardised with training statistics, diabetes targets
-standardised (RMSE and NLL in target standard deviations), 2x128 ReLU MLP. Rows, each over
+Protocol (that of ``benchmarks/_common.py``): the 80/20 split with seed 0 (stratified for
+digits), inputs standardised with training statistics, diabetes targets standardised (RMSE
+and NLL in target standard deviations), 2x128 ReLU MLP. Rows, each over
 the training seeds F..F+S-1 (mean ± sd), measured in the same run:
 
 - ``map``: the protocol's MAP net (Adam lr 1e-3, weight decay 1e-4; digits batch 64 / 40
@@ -38,7 +38,7 @@ COLUMNS = {
 }
 REFERENCE = (
     "MAP 0.136/0.022 (seed 0), deep ensemble x5 0.098/0.020, posteriors SGHMC at a hand-picked "
-    "lr 0.0955/0.033 (NLL/ECE, BENCHMARKS.md)"
+    "lr 0.0955/0.033 (NLL/ECE, benchmarks/RESULTS.md)"
 )
 
 
@@ -114,7 +114,8 @@ def main() -> None:
     parts = [
         "# SG-MCMC estimator quality at default settings",
         "",
-        f"{threads}; seeds {seeds}. Protocol split and metrics of BENCHMARKS.md; mean ± sd.",
+        f"{threads}; seeds {seeds}. Protocol split and metrics of benchmarks/_common.py; "
+        "mean ± sd.",
     ]
     for dataset in ("digits", "diabetes"):
         dkeys = [k for k in keys if k.startswith(dataset + ":")]

@@ -1,8 +1,8 @@
 """SVGP: per-iteration cost of ``gp.SVGP`` vs gpytorch's own SVGP, and fit quality with defaults.
 
-Protocol (/work/shared/BENCHMARKS.md, "Gaussian processes"; issue 4 item 5): 3-D synthetic data
-``f = sin(3 x1) + cos(2 x2) x3 + 0.5 x1 x2``, noise sd 0.1, ``x ~ U[-1, 1]^3``, n = 100,000
-train / 10,000 test (seed 0), float32, batch 1,024, two epochs, one thread, M = 256.
+Protocol: 3-D synthetic data ``f = sin(3 x1) + cos(2 x2) x3 + 0.5 x1 x2``, noise sd 0.1,
+``x ~ U[-1, 1]^3``, n = 100,000 train / 10,000 test (seed 0), float32, batch 1,024, two
+epochs, one thread, M = 256.
 
 1. **Step time.** One training step (ELBO of one minibatch, backward, optimiser step) of
 
@@ -17,12 +17,12 @@ train / 10,000 test (seed 0), float32, batch 1,024, two epochs, one thread, M = 
    alternately (``interleaved_timing``, one warm-up each); medians and the ratio come from
    the same run. Both the process CPU time (``time.process_time``; robust on a shared
    machine, since one thread is used) and the wall time are reported.
-2. **Quality after two epochs.** ``ours``: ``SVGP.from_data(X, y, 256).fit(X, y, epochs=2,
-   batch_size=1024)`` (k-means++ inducing inputs, data-scaled initial values, NGD + Adam, all
-   defaults); ``gpytorch``: the tutorial model from gpytorch's default initial values with Adam
-   lr 0.01 on everything, and with NGD lr 0.1 + Adam lr 0.01. Reported: test NLL and RMSE of
-   ``y`` (predictive with noise) and the learned noise sd (truth 0.1; Bayes-optimal NLL
-   ``0.5 log(2 pi 0.01) + 0.5 = -0.884``).
+2. **Quality after two epochs.** ``ours``: ``SVGP.from_data(X, y, 256).fit((X, y),
+   epochs=2, batch_size=1024, seed=0)`` (k-means++ inducing inputs, data-scaled initial
+   values, NGD + Adam, all defaults); ``gpytorch``: the tutorial model from gpytorch's
+   default initial values with Adam lr 0.01 on everything, and with NGD lr 0.1 + Adam lr
+   0.01. Reported: test NLL and RMSE of ``y`` (predictive with noise) and the learned noise
+   sd (truth 0.1; Bayes-optimal NLL ``0.5 log(2 pi 0.01) + 0.5 = -0.884``).
 
 Usage: ``python benchmarks/bench_svgp.py [--quick] [--rounds 9] [--steps 20]``.
 """
@@ -153,7 +153,7 @@ class OursRun:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
-        loss = -self.model.elbo(x, y, self.n) / self.n
+        loss = -self.model.elbo(x, y, self.n)  # the per-datum ELBO
         loss.backward()
         for opt in self.opts:
             opt.step()
@@ -209,7 +209,7 @@ def quality(X, y, Xt, yt, epochs: int) -> list[tuple[str, float, float, float, f
     model = SVGP.from_data(X, y, M)
     init_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model.fit(X, y, epochs=epochs, batch_size=BATCH, progress=False)
+    model.fit((X, y), epochs=epochs, batch_size=BATCH, seed=0)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         post = model.posterior(Xt, observation_noise=True)

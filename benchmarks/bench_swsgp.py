@@ -1,8 +1,7 @@
 """Sparse-within-sparse GP (SWSGP, M = 16,384, H = 32) against gpytorch's SVGP (M = 256).
 
-Protocol (/work/shared/BENCHMARKS.md, "Gaussian processes", SVGP row; issue 4 items 4-5):
-3-D synthetic ``f = sin(3 x1) + cos(2 x2) x3 + 0.5 x1 x2``, noise sd 0.1, ``x ~ U[-1, 1]^3``,
-n = 100,000 train / 10,000 test, float32, batch 1,024, two epochs, one thread.
+Protocol: 3-D synthetic ``f = sin(3 x1) + cos(2 x2) x3 + 0.5 x1 x2``, noise sd 0.1,
+``x ~ U[-1, 1]^3``, n = 100,000 train / 10,000 test, float32, batch 1,024, two epochs, one thread.
 
 - gpytorch: ``ApproximateGP`` + ``VariationalStrategy`` (whitened) +
   ``CholeskyVariationalDistribution``, constant mean, ``ScaleKernel(RBFKernel())``, Gaussian

@@ -1,7 +1,6 @@
 """Predictive quality of the VBLL heads on digits and diabetes, beside a MAP net and vbll.
 
-Protocol: /work/shared/BENCHMARKS.md ("Bayesian deep learning"). Rows, each over 5 training
-seeds (mean ± sd):
+Rows, each over 5 training seeds (mean ± sd):
 
 - ``map``: 2x128 ReLU MLP + ``nn.Linear``, Adam lr 1e-3, weight decay 1e-4 everywhere
   (diabetes: Gaussian noise = training residual variance);
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 import _common as C
 import torch
 
-from bdl.estimators import VBLLClassifier, VBLLRegressor
+from bdl.lastlayer.estimators import VBLLClassifier, VBLLRegressor
 
 # (metric, threshold) per dataset, applied to the mean of the ``est`` row
 TARGETS = {"digits": [("nll", 0.085), ("ece", 0.018)], "diabetes": [("nll", 1.20)]}
@@ -205,7 +204,7 @@ def main() -> None:
                 verdict = "PASS" if value <= limit else "MISS"
                 checks.append(f"{metric.upper()} {value:.4f} <= {limit} {verdict}")
             parts += ["", f"Targets (estimator defaults, mean): {'; '.join(checks)}."]
-            parts.append(f"Peer reference (BENCHMARKS.md): {REFERENCE[dataset]}.")
+            parts.append(f"Peer reference: {REFERENCE[dataset]}.")
     text = "\n".join(parts) + "\n"
     print()
     print(text)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from bdl import metrics
-from bdl.estimators import VBLLClassifier
+from bdl.lastlayer.estimators import VBLLClassifier
 
 IN_CLASSES = list(range(8))
 ROWS = ["MAP (nn.Linear head)", "ours: VBLLClassifier() defaults", "vbll 0.4.9 dense"]

@@ -146,7 +146,7 @@ def main() -> None:
             "",
             C.markdown_table(header, table),
             "",
-            "Peer reference (BENCHMARKS.md): vbll diagonal 4.2x, low-rank 9x, dense 105x.",
+            "Peer reference (the vbll package): diagonal 4.2x, low-rank 9x, dense 105x.",
         ]
     )
     print()

@@ -152,9 +152,11 @@ def main() -> None:
         sample(net, opt, loader, map_steps, None, x_train, y_train)
         for group in opt.param_groups:
             group["temperature"] = 1.0
-        collector = SampleCollector(net, burn_in=burn_in, thin=thin)
+        collector = SampleCollector(
+            net, burn_in=burn_in, thin=thin, task="regression", noise_variance=NOISE_STD**2
+        )
         log_lik = sample(net, opt, loader, steps, collector, x_train, y_train)
-        post = collector.posterior(x_test, task="regression", noise_variance=NOISE_STD**2)
+        post = collector.posterior(x_test, observation_noise=True)
         nll = -post.log_prob(y_test.unsqueeze(-1)).mean().item()
         rmse = metrics.rmse(post.mean.squeeze(-1), y_test).item()
         ess = (
@@ -166,7 +168,7 @@ def main() -> None:
             f"{name:<6} samples {len(collector):4d}  test NLL {nll:.4f}  RMSE {rmse:.4f}  "
             f"ESS of the training log-likelihood {ess:.1f}"
         )
-        posteriors[name] = collector.posterior(x_grid, task="regression")
+        posteriors[name] = collector.posterior(x_grid)  # the latent function
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, (name, post) in zip(axes, posteriors.items(), strict=True):

@@ -1,6 +1,6 @@
 """Sparse GPs on 100,000 points: SVGP (M = 256) and SWSGP (M = 16,384, H = 32) as estimators.
 
-The 3-D synthetic benchmark of issue 4:
+A 3-D synthetic benchmark:
 
     f(x) = sin(3 x1) + cos(2 x2) x3 + 0.5 x1 x2,   x ~ U[-1, 1]^3,   y = f(x) + N(0, 0.1^2),
 
@@ -44,8 +44,8 @@ def make_data(n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, ...
 
 def inducing_inputs(model: gp.SparseGPRegressor) -> np.ndarray:
     """The fitted inducing inputs in the original input units, shape (M, 3)."""
-    Z = model.model_.inducing_points.detach().cpu().double().numpy().reshape(-1, 3)
-    return Z * model.x_scaler_.scale + model.x_scaler_.mean
+    Z = model.model_.model.inducing_points.detach().reshape(-1, 3)  # standardised inputs
+    return model.input_transform_.untransform(Z.double()).cpu().numpy()
 
 
 def main() -> None:

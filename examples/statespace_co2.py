@@ -83,7 +83,7 @@ def main() -> None:
     model = gp.StateSpaceGP(co2_kernel(), noise=0.01, method="auto", periodic_order=6)
     model = model.to(torch.float64).set_data(t[train], y[train])
     start = time.perf_counter()
-    losses = gp.fit_hyperparameters(model, max_iter=5 if smoke else 60)
+    losses = model.fit(max_iter=5 if smoke else 60).history_
     fit_seconds = time.perf_counter() - start
     print(
         f"fitted {int(train.sum())} months in {fit_seconds:.1f} s, "
@@ -92,9 +92,9 @@ def main() -> None:
 
     t_plot = torch.linspace(float(years[0]), float(years[-1]) + 2.0, 2000, dtype=torch.float64)
     with torch.no_grad():
-        post = model.posterior(t_plot)
+        post = model.posterior(t_plot[:, None])
         test = ~train & ~np.isnan(co2)
-        held_out = model.posterior(t[test], observation_noise=True)
+        held_out = model.posterior(t[test][:, None], observation_noise=True)
     mean = post.mean[:, 0].numpy() * sd + trend_mean(t_plot)
     lower, upper = (b[:, 0].numpy() * sd + trend_mean(t_plot) for b in post.confidence_region(0.95))
 

@@ -25,7 +25,7 @@ from _common import output_dir, smoke_mode
 from gpytorch.kernels import ConstantKernel, MaternKernel, PeriodicKernel, ScaleKernel
 
 import gp
-from gp.statespace import PoissonLikelihood, predictive_moments
+from gp.statespace import predictive_moments
 
 
 def load_sunspots() -> tuple[np.ndarray, np.ndarray]:
@@ -79,11 +79,14 @@ def main() -> None:
     # ``periodic_order`` fixed so that the bound is a smooth function of the hyperparameters
     kernel = sunspot_kernel(log_mean)
     model = gp.StateSpaceGP(
-        kernel, likelihood=PoissonLikelihood(), method="parallel", periodic_order=3 if smoke else 5
+        kernel,
+        likelihood=gp.PoissonLikelihood(),
+        method="parallel",
+        periodic_order=3 if smoke else 5,
     ).double()
     model.set_data(t[train], y[train])
     start = time.perf_counter()
-    losses = gp.fit_hyperparameters(model, max_iter=1 if smoke else 40)
+    losses = model.fit(max_iter=1 if smoke else 40).history_
     print(
         f"fitted {int(train.sum())} years in {time.perf_counter() - start:.1f} s "
         f"({len(losses)} evaluations), ELBO {-losses[-1]:.1f}"
@@ -91,8 +94,8 @@ def main() -> None:
 
     t_plot = torch.linspace(float(years[0]), float(years[-1]) + 15.0, 1500, dtype=torch.float64)
     with torch.no_grad():
-        post = model.posterior(t_plot)
-        held = model.posterior(t[~train])
+        post = model.posterior(t_plot[:, None])
+        held = model.posterior(t[~train][:, None])
     mean, var = post.mean[:, 0], post.variance[:, 0]
     rate_median = mean.exp()  # exp of Gaussian quantiles = quantiles of the log-normal rate
     rate_lo, rate_hi = (mean - 1.96 * var.sqrt()).exp(), (mean + 1.96 * var.sqrt()).exp()

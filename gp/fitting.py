@@ -1,5 +1,6 @@
 """Type-II maximum likelihood: fit a GP's hyperparameters by maximising its log marginal
-likelihood (L-BFGS with a strong-Wolfe line search by default, Adam optionally)."""
+likelihood (full-batch L-BFGS with a strong-Wolfe line search by default, Adam optionally),
+through the library's one optimisation path (:mod:`bdl.core.training`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from bdl.core.training import minimize_lbfgs, train
 from bdl.core.validation import check_choice, check_int, check_positive
 
-__all__ = ["fit_hyperparameters"]
+__all__ = ["MarginalLikelihoodFit", "fit_hyperparameters"]
 
 _OPTIMIZERS = ("lbfgs", "adam")
 
@@ -47,8 +48,10 @@ def fit_hyperparameters(
     """Maximise ``model.log_marginal_likelihood()`` over the model's trainable parameters.
 
     Works for any module whose ``log_marginal_likelihood()`` (no arguments) returns the
-    differentiable log marginal likelihood of the data it holds, e.g. :class:`gp.ExactGP` or
-    :class:`gp.StateSpaceGP` after ``set_data``. The parameters are updated in place.
+    differentiable log marginal likelihood of the data it holds (a full sum over the data),
+    e.g. :class:`gp.ExactGP` or :class:`gp.StateSpaceGP` after ``set_data``. The
+    parameters are updated in place; gradients are enabled inside (so it may be called
+    under ``torch.no_grad()``).
 
     Parameters
     ----------
@@ -56,11 +59,13 @@ def fit_hyperparameters(
         Model with data set; every parameter with ``requires_grad`` is optimised (freeze
         one with ``p.requires_grad_(False)``).
     optimizer : {"lbfgs", "adam"}, default "lbfgs"
-        Full-batch L-BFGS with a strong-Wolfe line search (deterministic, converges in few
-        iterations on smooth, low-dimensional objectives), or Adam.
+        Full-batch L-BFGS with a strong-Wolfe line search
+        (:func:`bdl.core.training.minimize_lbfgs`; deterministic, converges in few
+        iterations on smooth, low-dimensional objectives), or full-batch Adam through
+        :func:`bdl.core.training.train` (one step per epoch).
     max_iter : int, default 100
-        L-BFGS iterations (at most ``1.25 * max_iter`` objective evaluations) or Adam steps.
-        0 leaves the model untouched.
+        Budget: L-BFGS makes at most ``ceil(1.25 * max_iter)`` objective evaluations;
+        Adam makes ``max_iter`` steps. 0 leaves the model untouched.
     lr : float, optional
         Step size: 1.0 for L-BFGS (its initial step, then the line search decides) and 0.05
         for Adam by default.
@@ -69,7 +74,7 @@ def fit_hyperparameters(
     tolerance_change : float, default 1e-10
         L-BFGS stops when the objective or the step changes less than this.
     verbose : bool, default False
-        Show a tqdm progress bar with the current ``-log p(y)``.
+        Show a tqdm progress bar.
 
     Returns
     -------
@@ -100,65 +105,86 @@ def fit_hyperparameters(
     if not params:
         raise ValueError("model has no trainable parameters (none with requires_grad)")
     history: list[float] = []
-    if max_iter > 0:
-        was_training = model.training
-        model.train()
-        try:
-            if optimizer == "lbfgs":
-                _run_lbfgs(model, params, max_iter, lr, tolerance_grad, tolerance_change,
-                           history, verbose)  # fmt: skip
-            else:
-                _run_adam(model, params, max_iter, lr, history, verbose)
-        finally:
-            model.train(was_training)
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            if max_iter > 0 and optimizer == "lbfgs":
+                history = minimize_lbfgs(
+                    lambda: _objective(model), params, max_iter=math.ceil(1.25 * max_iter),
+                    lr=lr, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                    verbose=verbose, desc="lbfgs",
+                )  # fmt: skip
+            elif max_iter > 0:
+                history = train(
+                    lambda: _objective(model), torch.optim.Adam(params, lr=lr),
+                    lambda: [()], max_iter, batch_len=lambda _: 1, verbose=verbose,
+                    desc="adam",
+                )  # fmt: skip
+    finally:
+        model.train(was_training)
     with torch.no_grad():
         history.append(float(_objective(model)))
     return history
 
 
-def _run_lbfgs(
-    model: _HasLML,
-    params: list[Tensor],
-    max_iter: int,
-    lr: float,
-    tolerance_grad: float,
-    tolerance_change: float,
-    history: list[float],
-    verbose: bool,
-) -> None:
-    max_eval = math.ceil(1.25 * max_iter)
-    opt = torch.optim.LBFGS(
-        params, lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
-        tolerance_change=tolerance_change, line_search_fn="strong_wolfe",
-    )  # fmt: skip
-    with tqdm(total=max_eval, desc="lbfgs", disable=not verbose, leave=False) as bar:
+class MarginalLikelihoodFit:
+    """``fit`` by type-II maximum likelihood for models with ``set_data`` and
+    ``log_marginal_likelihood`` (mixed into :class:`gp.ExactGP` and :class:`gp.StateSpaceGP`)."""
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = _objective(model)
-            loss.backward()
-            history.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(neg_lml=f"{history[-1]:.5g}")
-            return loss
+    history_: list[float]
 
-        opt.step(closure)
+    def fit(
+        self,
+        data: tuple[Tensor, Tensor] | None = None,
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        verbose: bool = False,
+        optimizer: str = "lbfgs",
+        max_iter: int | None = None,
+    ):
+        """Fit the hyperparameters by maximising the log marginal likelihood; returns self.
 
+        Parameters
+        ----------
+        data : tuple (X, y), optional
+            Training data, passed to ``set_data``; default: the data already set.
+        epochs, max_iter : int, optional
+            The optimiser's budget (two names for one number; give at most one, or equal
+            values): L-BFGS evaluations (at most ``ceil(1.25 * max_iter)``) or Adam steps.
+            Default 100.
+        lr : float, optional
+            Step size (see :func:`fit_hyperparameters`).
+        batch_size : None
+            Type-II maximum likelihood is full batch; anything but None is a ValueError.
+        seed : int, optional
+            Unused: the fit is deterministic.
+        verbose : bool, default False
+            Progress bar.
+        optimizer : {"lbfgs", "adam"}, default "lbfgs"
 
-def _run_adam(
-    model: _HasLML,
-    params: list[Tensor],
-    max_iter: int,
-    lr: float,
-    history: list[float],
-    verbose: bool,
-) -> None:
-    opt = torch.optim.Adam(params, lr=lr)
-    bar = tqdm(range(max_iter), desc="adam", disable=not verbose, leave=False)
-    for _ in bar:
-        opt.zero_grad()
-        loss = _objective(model)
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
-        bar.set_postfix(neg_lml=f"{history[-1]:.5g}")
+        Returns
+        -------
+        self
+            With ``history_``: ``-log p(y)`` per objective evaluation (L-BFGS) or per step
+            (Adam), and a last entry at the fitted hyperparameters.
+        """
+        if batch_size is not None:
+            raise ValueError(
+                f"batch_size must be None: {type(self).__name__}.fit is full batch, "
+                f"got {batch_size!r}"
+            )
+        if epochs is not None and max_iter is not None and epochs != max_iter:
+            raise ValueError(f"give epochs or max_iter, not both ({epochs} != {max_iter})")
+        budget = next((v for v in (max_iter, epochs) if v is not None), 100)
+        if data is not None:
+            if not isinstance(data, (tuple, list)) or len(data) != 2:
+                raise ValueError("data must be a tuple (X, y) of tensors")
+            self.set_data(*data)
+        self.history_ = fit_hyperparameters(
+            self, optimizer=optimizer, max_iter=budget, lr=lr, verbose=verbose
+        )
+        return self

@@ -125,23 +125,28 @@ class BayesianEstimator(BaseEstimator):
 
     def _fit_inputs(self, X: np.ndarray) -> Tensor:
         """Fit ``input_transform_`` to ``X`` (n, d); return the transformed inputs."""
-        x64 = torch.as_tensor(X, dtype=torch.float64)
+        x64 = torch.tensor(np.array(X, dtype=np.float64))  # a copy: X may be read-only
         self.input_transform_ = Normalize(X.shape[1]).fit(x64).to(self.device_)
         return self._tensor(self.input_transform_(x64.to(self.device_)))
 
     def _fit_targets(self, y: np.ndarray) -> Tensor:
         """Fit ``outcome_transform_`` to targets ``y`` (n, m); return them standardised."""
-        y64 = torch.as_tensor(y, dtype=torch.float64)
+        y64 = torch.tensor(np.array(y, dtype=np.float64))
         self.outcome_transform_ = Standardize(y.shape[1]).fit(y64).to(self.device_)
         return self._tensor(self.outcome_transform_(y64.to(self.device_)))
 
-    def _set_model(self, model: Model) -> None:
-        """Put the fitted torch-level ``model`` behind the transforms as ``model_``."""
+    def _set_model(self, model: Model, *, model_dtype: torch.dtype | None = None) -> None:
+        """Put the fitted torch-level ``model`` behind the transforms as ``model_``.
+
+        Models follow the protocol (they compute in the promoted dtype of their input and
+        their parameters), so ``model_dtype`` is only for one that does not: queries of
+        lower precision are then promoted to it.
+        """
         self.model_ = TransformedModel(
             model,
             input_transform=self.input_transform_,
             outcome_transform=getattr(self, "outcome_transform_", None),
-            model_dtype=self.dtype_,
+            model_dtype=model_dtype,
         )
 
     @property
@@ -153,7 +158,7 @@ class BayesianEstimator(BaseEstimator):
         """Validated new inputs, transformed, in the model's dtype and device (no grad)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        x64 = torch.as_tensor(X, dtype=torch.float64, device=self.device_)
+        x64 = torch.tensor(np.array(X, dtype=np.float64), device=self.device_)
         return self._tensor(self.input_transform_(x64))
 
     def _as_query(self, X: Any) -> Tensor:
@@ -170,7 +175,7 @@ class BayesianEstimator(BaseEstimator):
                 raise ValueError("X contains NaN or inf")
             return X.to(self.device_)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        return torch.as_tensor(X, dtype=torch.float64, device=self.device_)
+        return torch.tensor(np.array(X, dtype=np.float64), device=self.device_)
 
     # -- data out -----------------------------------------------------------------------------
     def posterior(
@@ -252,7 +257,8 @@ class BayesianRegressorMixin:
         )
         if X.shape[0] < min_samples:
             raise ValueError(
-                f"X must have at least {min_samples} samples to fit, got n_samples = {X.shape[0]}"
+                f"{type(self).__name__} needs at least {min_samples} samples to fit, got "
+                f"{X.shape[0]} sample{'s' if X.shape[0] != 1 else ''}"
             )
         self._y_1d = y.ndim == 1
         return X, y.reshape(len(y), -1)
@@ -302,9 +308,16 @@ class BayesianRegressorMixin:
 class BayesianClassifierMixin:
     """Label encoding, ``predict_proba`` and ``predict`` for classifiers."""
 
-    def _validate_fit_data(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _validate_fit_data(
+        self, X: Any, y: Any, *, min_samples: int = 2
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Validated float64 ``X`` (n, d) and integer labels (n,); sets ``classes_``."""
         X, y = validate_data(self, X, y, dtype=np.float64)
+        if X.shape[0] < min_samples:
+            raise ValueError(
+                f"{type(self).__name__} needs at least {min_samples} samples to fit, got "
+                f"{X.shape[0]} sample{'s' if X.shape[0] != 1 else ''}"
+            )
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -323,10 +336,12 @@ class BayesianClassifierMixin:
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (n, C), columns ordered as ``classes_``."""
+        check_is_fitted(self)
         with torch.no_grad():
             probs = self.posterior(X).probs.to(torch.float64).cpu().numpy()
         return probs / probs.sum(-1, keepdims=True)
 
     def predict(self, X: Any) -> np.ndarray:
         """Most probable class label for each row of ``X``."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=-1)]
+        proba = self.predict_proba(X)  # checks that the estimator is fitted
+        return self.classes_[np.argmax(proba, axis=-1)]

@@ -63,10 +63,6 @@ class GaussianPosterior(Posterior):
         return self._covariance.diagonal(dim1=-2, dim2=-1).reshape(self._mean.shape)
 
     @property
-    def stddev(self) -> Tensor:
-        return self.variance.clamp_min(0).sqrt()
-
-    @property
     def is_joint(self) -> bool:
         """Whether a full joint covariance across points is held."""
         return self._covariance is not None

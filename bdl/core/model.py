@@ -98,7 +98,8 @@ class TransformedModel(nn.Module, Model):
     outcome_transform : nn.Module, optional
         E.g. :class:`bdl.core.transforms.Standardize`; needs ``untransform_posterior``.
     model_dtype : torch.dtype, optional
-        Dtype the inner model computes in (inputs are cast to it, outputs back to ``X``'s).
+        Dtype the inner model was fitted in: inputs of lower precision are promoted to it
+        (results come back in ``X``'s dtype), inputs of higher precision are kept.
     """
 
     def __init__(
@@ -129,8 +130,8 @@ class TransformedModel(nn.Module, Model):
         X = check_inputs(X)
         dtype = X.dtype
         x = X if self.input_transform is None else self.input_transform(X)
-        if self.model_dtype is not None:
-            x = x.to(self.model_dtype)
+        if self.model_dtype is not None:  # never below the model's precision
+            x = x.to(torch.promote_types(x.dtype, self.model_dtype))
         post = self.model.posterior(x, observation_noise=observation_noise, joint=joint, **kwargs)
         if self.outcome_transform is not None:
             post = self.outcome_transform.untransform_posterior(post)

@@ -53,6 +53,11 @@ class Posterior(ABC):
         """Marginal predictive variance, shape ``(..., n, m)``."""
 
     @property
+    def stddev(self) -> Tensor:
+        """Marginal predictive standard deviation, shape ``(..., n, m)``."""
+        return self.variance.clamp_min(0).sqrt()
+
+    @property
     def device(self) -> torch.device:
         return self.mean.device
 

@@ -56,6 +56,20 @@ class SamplePosterior(Posterior):
             var = var + self.noise_variance.mean(0)
         return var
 
+    @property
+    def covariance_matrix(self) -> Tensor:
+        """Mixture covariance across points and outputs, ``(..., n*m, n*m)`` interleaved.
+
+        The draws' covariance plus the mean noise variance on the diagonal: every draw is a
+        whole function, so a sample posterior is always joint across points.
+        """
+        flat = self.samples.flatten(-2)
+        centred = flat - flat.mean(0)
+        cov = torch.einsum("s...i,s...j->...ij", centred, centred) / self.num_samples
+        if self.noise_variance is not None:
+            cov = cov + torch.diag_embed(self.noise_variance.mean(0).flatten(-2))
+        return cov
+
     def affine(self, scale: Tensor | float, shift: Tensor | float = 0.0) -> SamplePosterior:
         """Mixture of ``scale * f_s + shift`` (noise variances scale by ``scale**2``)."""
         scale, shift = self._affine_args(scale, shift)

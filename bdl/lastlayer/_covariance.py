@@ -54,8 +54,8 @@ class Covariance(nn.Module, ABC):
         """Set the parameters so that :meth:`matrix` equals ``cov`` (k, d, d) (or best fit)."""
 
     def cross(self, phi_a: Tensor, phi_b: Tensor) -> Tensor:
-        """``phi_a,i^T S_j phi_b,l`` for all pairs; (n, d), (p, d) -> (k, n, p)."""
-        return phi_a @ self.matrix() @ phi_b.T
+        """``phi_a,i^T S_j phi_b,l`` for all pairs; (..., n, d), (..., p, d) -> (..., k, n, p)."""
+        return phi_a.unsqueeze(-3) @ self.matrix() @ phi_b.unsqueeze(-3).mT
 
     @abstractmethod
     def sample_noise(self, base: Tensor) -> Tensor:

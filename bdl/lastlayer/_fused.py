@@ -1,11 +1,10 @@
 """Hand-differentiated training losses for the VBLL heads (the speed path).
 
-A VBLL loss written op by op is some 40 small autograd nodes; on a CPU each costs a few
-microseconds, which made a training step 2-3x the cost of a plain ``nn.Linear`` head. Here
-the whole per-datum negative ELBO of a head is one ``autograd.Function`` whose backward
-applies the closed-form gradients below. The op-by-op definitions
-(``expected_log_likelihood``, ``kl_divergence``) stay in the heads as the reference; the
-tests check value and every gradient against autograd through them.
+A VBLL loss written op by op is some 40 small autograd nodes, whose per-node overhead
+dominates a training step on a CPU. Here the whole per-datum negative ELBO of a head is one
+``autograd.Function`` whose backward applies the closed-form gradients below. The op-by-op
+definitions (``expected_log_likelihood``, ``kl_divergence``) stay in the heads as the
+reference; the tests check value and every gradient against autograd through them.
 
 Notation (per minibatch of size B): ``mu = phi W^T + b``, ``q_ik = phi_i^T S_k phi_i``,
 ``w_ik = dL/dq_ik``. Every covariance family supplies the gradient of ``sum_ik w_ik q_ik``

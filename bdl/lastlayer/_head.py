@@ -8,6 +8,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
+from bdl.core.model import Model
 from bdl.core.validation import check_choice, check_positive
 from bdl.lastlayer._base import (
     GaussianWeights,
@@ -17,15 +18,18 @@ from bdl.lastlayer._base import (
     require_num_data,
 )
 from bdl.lastlayer._covariance import COVARIANCE_KINDS
+from bdl.lastlayer._fit import HeadFitMixin
 from bdl.lastlayer._fused import LossSpec, fused_loss
 
 
-class GaussianLastLayer(nn.Module):
+class GaussianLastLayer(HeadFitMixin, nn.Module, Model):
     """``k`` Gaussian weight rows over ``d`` features, an offset and a per-row noise scale.
 
     Subclasses define the likelihood: ``_task`` names the fused loss, ``_check_target``
     validates targets and ``data_term`` is the per-point expected log-likelihood (or its bound)
     written op by op, which :meth:`reference_loss` uses and the fused :meth:`loss` equals.
+    A head is a :class:`bdl.core.Model` whose inputs are features: ``posterior(features)``
+    and ``fit((features, y))``.
 
     Parameters
     ----------
@@ -83,6 +87,11 @@ class GaussianLastLayer(nn.Module):
             self.log_noise_std = nn.Parameter(log_noise)
         else:
             self.register_buffer("log_noise_std", log_noise)
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of outputs ``m`` (regression) or classes ``C``."""
+        return self._k
 
     def _mean(self, phi: Tensor) -> Tensor:
         mean = phi @ self.weights.mean.T

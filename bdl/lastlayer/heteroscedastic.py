@@ -20,7 +20,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bdl.core.validation import check_choice, check_positive
+from bdl.core.model import Model
+from bdl.core.posterior import GaussianPosterior
+from bdl.core.validation import check_choice, check_inputs, check_positive
 from bdl.lastlayer._base import (
     LOG_2PI,
     GaussianWeights,
@@ -28,11 +30,16 @@ from bdl.lastlayer._base import (
     flatten_features,
     require_num_data,
 )
-from bdl.core.posterior import GaussianPosterior
+from bdl.lastlayer._dtype import posterior_in_input_dtype
+from bdl.lastlayer._fit import HeadFitMixin
+from bdl.lastlayer.regression import interleave_block_diagonal
 
 
-class HeteroscedasticVBLLRegression(nn.Module):
+class HeteroscedasticVBLLRegression(HeadFitMixin, nn.Module, Model):
     """Bayesian last layer with a Bayesian log-noise layer.
+
+    A :class:`bdl.core.Model` on features: ``posterior(features)`` and ``fit((features, y))``
+    (minibatch Adam on :meth:`loss`).
 
     Parameters
     ----------
@@ -93,6 +100,11 @@ class HeteroscedasticVBLLRegression(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.noise_offset = nn.Parameter(torch.full((out_features,), 2.0 * math.log(noise_std)))
 
+    @property
+    def num_outputs(self) -> int:
+        """Number of outputs ``m``."""
+        return self.out_features
+
     def _mean(self, phi: Tensor) -> Tensor:
         mean = phi @ self.weights.mean.T
         return mean if self.bias is None else mean + self.bias
@@ -133,6 +145,7 @@ class HeteroscedasticVBLLRegression(nn.Module):
         return (-0.5 * (LOG_2PI + mu_l + inv_noise * sq)).sum(-1)
 
     def kl_divergence(self) -> Tensor:
+        """``KL(q || p)`` of both layers, a scalar."""
         return self.weights.kl_divergence() + self.noise_weights.kl_divergence()
 
     def loss(self, features: Tensor, y: Tensor) -> Tensor:
@@ -145,19 +158,40 @@ class HeteroscedasticVBLLRegression(nn.Module):
         """Full-data evidence lower bound."""
         return self.expected_log_likelihood(features, y).sum() - self.kl_divergence()
 
-    def posterior(self, features: Tensor, observation_noise: bool = False) -> GaussianPosterior:
-        """Predictive at ``features`` (..., n, d); latent ``f`` unless ``observation_noise``.
+    def posterior(
+        self, X: Tensor, *, observation_noise: bool = False, joint: bool = False
+    ) -> GaussianPosterior:
+        """Predictive at the features ``X``; latent ``f`` unless ``observation_noise``.
 
         With noise, the variance is ``phi^T S phi + E sigma^2(x)`` (moment matched).
+
+        Parameters
+        ----------
+        X : Tensor, shape (..., n, d)
+            Features, any leading batch shape; computed in the promoted dtype of ``X`` and
+            the head, returned in ``X``'s dtype, differentiable in ``X``.
+        observation_noise : bool
+            Add the expected noise variance at each point.
+        joint : bool
+            Full joint covariance across the ``n`` points (the noise is independent across
+            points and adds to the diagonal).
+
+        Returns
+        -------
+        GaussianPosterior, mean shape (..., n, m)
         """
-        phi, lead = flatten_features(
-            features, self.in_features, finite=True, dtype=self.weights.mean.dtype
+        X = check_inputs(X, self.in_features, name="features")
+        return posterior_in_input_dtype(
+            self, X, "_posterior", observation_noise=observation_noise, joint=joint
         )
-        if len(lead) == 0:
-            raise ValueError("features must have shape (..., n, d), got a single vector")
-        shape = lead + (self.out_features,)
-        mean = self._mean(phi).reshape(shape)
-        var = self.weights.cov.quad(phi).reshape(shape)
-        if observation_noise:
-            var = var + self.noise_variance(features)
-        return GaussianPosterior(mean, variance=var)
+
+    def _posterior(self, phi: Tensor, observation_noise: bool, joint: bool) -> GaussianPosterior:
+        mean = self._mean(phi)
+        noise = self.noise_variance(phi) if observation_noise else None  # (..., n, m)
+        if joint:
+            blocks = self.weights.cov.cross(phi, phi)  # (..., m, n, n)
+            if noise is not None:
+                blocks = blocks + torch.diag_embed(noise.mT)
+            return GaussianPosterior(mean, covariance=interleave_block_diagonal(blocks))
+        var = self.weights.cov.quad(phi.reshape(-1, self.in_features)).reshape(mean.shape)
+        return GaussianPosterior(mean, variance=var if noise is None else var + noise)

@@ -1,6 +1,7 @@
 """Variational Bayesian last layer for regression with homoscedastic Gaussian noise.
 
-Model (ALGORITHMS §1.3): ``y = W phi + b + eps`` with ``eps ~ N(0, diag(sigma^2))``, rows
+Model (Harrison, Willes and Snoek, "Variational Bayesian last layers", ICLR 2024):
+``y = W phi + b + eps`` with ``eps ~ N(0, diag(sigma^2))``, rows
 ``w_k ~ N(0, s_p I)`` a priori, ``s_p = prior_scale / d``, and ``q(w_k) = N(wbar_k, S_k)``.
 The expected log-likelihood is exact (no Jensen gap):
 
@@ -17,12 +18,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bdl.core.posterior import GaussianPosterior
+from bdl.core.validation import check_inputs
 from bdl.lastlayer._base import (
     LOG_2PI,
     flatten_features,
 )
+from bdl.lastlayer._dtype import posterior_in_input_dtype
 from bdl.lastlayer._head import GaussianLastLayer
-from bdl.core.posterior import GaussianPosterior
 
 
 def interleave_block_diagonal(blocks: Tensor) -> Tensor:
@@ -30,25 +33,27 @@ def interleave_block_diagonal(blocks: Tensor) -> Tensor:
 
     Parameters
     ----------
-    blocks : Tensor, shape (m, n, n)
+    blocks : Tensor, shape (..., m, n, n)
         Covariance of each output across the ``n`` points.
 
     Returns
     -------
-    Tensor, shape (n*m, n*m)
+    Tensor, shape (..., n*m, n*m)
         Row ``i*m + j`` is point ``i``, output ``j``.
     """
-    m, n, _ = blocks.shape
+    m, n = blocks.shape[-3], blocks.shape[-1]
     if m == 1:
-        return blocks[0]
-    joint = blocks.new_zeros(n, m, n, m)
-    idx = torch.arange(m, device=blocks.device)
-    joint[:, idx, :, idx] = blocks
-    return joint.reshape(n * m, n * m)
+        return blocks[..., 0, :, :]
+    eye = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
+    joint = torch.einsum("...jil,jk->...ijlk", blocks, eye)  # (..., n, m, n, m)
+    return joint.reshape(blocks.shape[:-3] + (n * m, n * m))
 
 
 class VBLLRegression(GaussianLastLayer):
     """Bayesian linear regression head trained by a sampling-free variational bound.
+
+    A :class:`bdl.core.Model` on features: ``posterior(features)`` (joint across points on
+    request) and ``fit((features, y))`` (minibatch Adam, or ``closed_form=True``).
 
     Parameters
     ----------
@@ -154,41 +159,85 @@ class VBLLRegression(GaussianLastLayer):
 
     # -- prediction ------------------------------------------------------------------------
     def posterior(
-        self, features: Tensor, observation_noise: bool = False, joint: bool = False
+        self, X: Tensor, *, observation_noise: bool = False, joint: bool = False
     ) -> GaussianPosterior:
-        """Predictive distribution at ``features``.
+        """Predictive distribution at the features ``X``.
 
         Parameters
         ----------
-        features : Tensor, shape (n, d) or (..., n, d)
+        X : Tensor, shape (..., n, d)
+            Features, any leading batch shape. The posterior is computed in the promoted
+            dtype of ``X`` and the head and returned in ``X``'s dtype; it is differentiable in
+            ``X``.
         observation_noise : bool
             Include the noise ``sigma^2`` (the predictive of ``y``) or not (latent ``f``).
         joint : bool
-            Return the full joint covariance across the ``n`` points (``features`` must be
-            2-D), e.g. for batch acquisition functions.
+            Return the full joint covariance across the ``n`` points (per batch), e.g. for
+            batch acquisition functions.
 
         Returns
         -------
         GaussianPosterior, mean shape (..., n, m)
         """
-        phi, lead = flatten_features(
-            features, self.in_features, finite=True, dtype=self.weights.mean.dtype
+        X = check_inputs(X, self.in_features, name="features")
+        return posterior_in_input_dtype(
+            self, X, "_posterior", observation_noise=observation_noise, joint=joint
         )
-        if len(lead) == 0:
-            raise ValueError("features must have shape (..., n, d), got a single vector")
-        mean = self._mean(phi).reshape(lead + (self.out_features,))
+
+    def _posterior(self, phi: Tensor, observation_noise: bool, joint: bool) -> GaussianPosterior:
+        mean = self._mean(phi)  # (..., n, m)
+        noise = self.noise_variance if observation_noise else None
         if joint:
-            if phi.shape[0] != lead.numel() or len(lead) != 1:
-                raise ValueError("joint=True needs features of shape (n, d)")
-            blocks = self.weights.cov.cross(phi, phi)  # (m, n, n)
-            if observation_noise:
-                eye = torch.eye(phi.shape[0], dtype=phi.dtype, device=phi.device)
-                blocks = blocks + self.noise_variance[:, None, None] * eye
+            blocks = self.weights.cov.cross(phi, phi)  # (..., m, n, n)
+            if noise is not None:
+                eye = torch.eye(phi.shape[-2], dtype=phi.dtype, device=phi.device)
+                blocks = blocks + noise[:, None, None] * eye
             return GaussianPosterior(mean, covariance=interleave_block_diagonal(blocks))
-        var = self.weights.cov.quad(phi).reshape(mean.shape)
-        if observation_noise:
-            var = var + self.noise_variance
-        return GaussianPosterior(mean, variance=var)
+        var = self.weights.cov.quad(phi.reshape(-1, self.in_features)).reshape(mean.shape)
+        return GaussianPosterior(mean, variance=var if noise is None else var + noise)
+
+    def fit(
+        self,
+        data: tuple[Tensor, Tensor],
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        verbose: bool = False,
+        max_grad_norm: float | None = 1.0,
+        closed_form: bool = False,
+    ) -> VBLLRegression:
+        """Fit the head to fixed features; returns self with ``history_``.
+
+        Parameters
+        ----------
+        data : tuple (features, y) of Tensor
+            ``features`` of shape (N, d) and targets (N, m) or (N,); ``num_data`` becomes N.
+        epochs, lr, batch_size : int, float, int
+            Minibatch Adam on the per-datum negative ELBO (defaults 100, 1e-2, 128).
+        seed : int, optional
+            Seed of the minibatch order (None: torch's global random state).
+        verbose : bool
+            Show a progress bar.
+        max_grad_norm : float or None
+            Gradient-norm clipping (default 1).
+        closed_form : bool
+            Instead of Adam, the exact optimum (:meth:`fit_closed_form`, the noise by type-II
+            maximum likelihood when the head learns it); ``history_`` then holds the loss at
+            that optimum and the optimiser arguments are not used.
+        """
+        if not closed_form:
+            return super().fit(
+                data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                verbose=verbose, max_grad_norm=max_grad_norm,
+            )  # fmt: skip
+        features, y = self._fit_tensors(data)
+        self.num_data = features.shape[0]
+        self.fit_closed_form(features, y)
+        with torch.no_grad():
+            self.history_ = [float(self.loss(features, y))]
+        return self
 
     # -- closed form -----------------------------------------------------------------------
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Turn a trained network into a Bayesian-last-layer model (ALGORITHMS §1.8, regimes 1 and 2).
+"""Turn a trained network into a Bayesian-last-layer model.
 
 :func:`wrap` cuts a trained ``nn.Module`` at its final ``nn.Linear``: everything before it becomes
 a feature extractor ``phi(x)`` and the layer itself is replaced by a VBLL head whose mean starts
@@ -20,79 +20,37 @@ from __future__ import annotations
 import copy as _copy
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdl.core.training import shuffled_batches, train_epochs
+from bdl.core.model import Model
+from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
+from bdl.core.training import seeded_generator, train
 from bdl.core.validation import check_choice, check_int, check_positive, check_tensor
+from bdl.lastlayer._dtype import posterior_in_input_dtype
+from bdl.lastlayer._fit import train_head, training_mode
+from bdl.lastlayer._wrap_utils import (
+    Batch,
+    batch_source,
+    checked_features,
+    find_linear,
+    split_name,
+)
 from bdl.lastlayer.classification import VBLLClassification
 from bdl.lastlayer.regression import VBLLRegression
-from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 
 __all__ = ["wrap", "VBLLWrapper"]
 
 TASKS = ("regression", "classification")
 METHODS = ("posthoc", "finetune")
-_CHECK_RTOL = 1e-5
-
-Batch = tuple[Tensor, Tensor]
 
 
-@contextmanager
-def _mode(module: nn.Module, training: bool) -> Iterator[None]:
-    """Put ``module`` (and every submodule) in train/eval mode, restoring each flag afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _linear_names(net: nn.Module) -> list[str]:
-    return [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-
-
-def _find_linear(net: nn.Module, last_layer: str | None) -> tuple[str, nn.Linear]:
-    """The dotted name and module of the layer to replace."""
-    if last_layer is None:
-        names = _linear_names(net)
-        if not names:
-            raise ValueError(
-                f"net ({type(net).__name__}) contains no nn.Linear module; wrap needs a final "
-                "linear layer to replace (pass last_layer= naming it)"
-            )
-        return names[-1], net.get_submodule(names[-1])
-    if not isinstance(last_layer, str):
-        raise ValueError(
-            f"last_layer must be a dotted module name, got {type(last_layer).__name__}"
-        )
-    try:
-        module = net.get_submodule(last_layer)
-    except AttributeError as err:
-        raise ValueError(
-            f"last_layer={last_layer!r} is not a submodule of net; its nn.Linear layers are "
-            f"{_linear_names(net)}"
-        ) from err
-    if not isinstance(module, nn.Linear):
-        raise ValueError(
-            f"last_layer={last_layer!r} is a {type(module).__name__}, not an nn.Linear; the "
-            f"nn.Linear layers of net are {_linear_names(net)}"
-        )
-    return last_layer, module
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    parent, _, attr = name.rpartition(".")
-    return parent, attr
-
-
-class VBLLWrapper(nn.Module):
+class VBLLWrapper(nn.Module, Model):
     """A feature extractor plus a VBLL head, built by :func:`wrap` from a trained network.
+
+    A :class:`bdl.core.Model`: ``posterior(X)`` on the network's inputs and ``fit(data)``.
 
     Attributes
     ----------
@@ -116,8 +74,8 @@ class VBLLWrapper(nn.Module):
     predict_batch_size : int
         Chunk size of the inputs in :meth:`posterior`.
     history_ : list of float
-        Mean training loss (negative ELBO per datum) of each epoch of the last :meth:`fit`
-        (empty for the closed-form regression fit).
+        Mean training loss (negative ELBO per datum) of each epoch of the last :meth:`fit`;
+        for the closed-form ``posthoc`` regression fit, one value: the loss at that optimum.
     fit_info_ : dict
         For regression, what the closed-form fit returned: ``log_evidence``,
         ``noise_variance`` and ``prior_variance``, each of shape ``(m,)``.
@@ -176,39 +134,49 @@ class VBLLWrapper(nn.Module):
         return self.head(self.features(x))
 
     def posterior(
-        self, x: Tensor, observation_noise: bool = False, *, joint: bool = False
+        self, X: Tensor, *, observation_noise: bool = False, joint: bool = False
     ) -> GaussianPosterior | CategoricalPosterior:
-        """Predictive distribution at the inputs ``x``.
+        """Predictive distribution at the inputs ``X``.
 
         Computed in eval mode, in chunks of :attr:`predict_batch_size` inputs along the first
-        dimension. Gradients are kept only when ``x.requires_grad`` (e.g. for optimising an
-        acquisition function); otherwise the pass runs under ``no_grad``.
+        dimension, in the promoted dtype of ``X`` and the network, and returned in ``X``'s
+        dtype (floating inputs). Gradients are kept only when ``X.requires_grad`` (e.g. for
+        optimising an acquisition function); otherwise the pass runs under ``no_grad``.
 
         Parameters
         ----------
-        x : Tensor, shape (n, ...)
-            Inputs in the format the wrapped network takes.
+        X : Tensor, shape (n, ...) or (..., n, d)
+            Inputs in the format the wrapped network takes; for a network on feature vectors
+            (an MLP) any leading batch shape, as ``nn.Linear`` allows.
         observation_noise : bool
             Regression: include the noise variance (predictive of ``y``) or not (latent ``f``).
             Ignored for classification, whose predictive is always over labels.
         joint : bool
-            Regression only: return the full joint covariance across the ``n`` points.
+            Regression only (``ValueError`` for classification): the full joint covariance
+            across the ``n`` points.
 
         Returns
         -------
         GaussianPosterior or CategoricalPosterior
-            Mean and variance of shape (n, m) for regression; class probabilities of shape
-            (n, C) for classification.
+            Mean and variance of shape (..., n, m) for regression; class probabilities of
+            shape (..., n, C) for classification.
         """
-        x = self._prepare_x(x, "x")
-        keep_grad = torch.is_grad_enabled() and x.requires_grad
-        with _mode(self, False), torch.set_grad_enabled(keep_grad):
-            phi = torch.cat([self.features(c) for c in x.split(self.predict_batch_size)])
-            if self.task == "regression":
-                return self.head.posterior(phi, observation_noise=observation_noise, joint=joint)
-            if joint:
-                raise ValueError("joint=True is only available for task='regression'")
-            return self.head.posterior(phi)
+        if joint and self.task != "regression":
+            raise ValueError("joint=True is only available for task='regression'")
+        X = self._prepare_x(X, "X", cast=False)
+        keep_grad = torch.is_grad_enabled() and X.requires_grad
+        with training_mode(self, False), torch.set_grad_enabled(keep_grad):
+            if not X.is_floating_point():  # e.g. token ids: the network's dtype
+                return self._posterior(X, observation_noise=observation_noise, joint=joint)
+            return posterior_in_input_dtype(
+                self, X, "_posterior", observation_noise=observation_noise, joint=joint
+            )
+
+    def _posterior(self, x: Tensor, observation_noise: bool, joint: bool):
+        phi = torch.cat([self.features(c) for c in x.split(self.predict_batch_size)])
+        if self.task == "regression":
+            return self.head.posterior(phi, observation_noise=observation_noise, joint=joint)
+        return self.head.posterior(phi)
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(
@@ -217,11 +185,11 @@ class VBLLWrapper(nn.Module):
         *,
         epochs: int | None = None,
         lr: float | None = None,
-        batch_size: int = 128,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        verbose: bool = False,
         weight_decay: float = 1e-4,
         max_grad_norm: float = 1.0,
-        verbose: bool = False,
-        generator: torch.Generator | None = None,
     ) -> VBLLWrapper:
         """Fit the head (``posthoc``) or the head and the extractor (``finetune``).
 
@@ -248,17 +216,18 @@ class VBLLWrapper(nn.Module):
             for ``finetune``. Not used by the closed-form ``posthoc`` regression.
         lr : float, optional
             Learning rate; default 1e-2 for ``posthoc`` (head only) and 1e-4 for ``finetune``.
-        batch_size : int
+        batch_size : int, default 128
             Minibatch size for tensor data and for the cached features (a DataLoader keeps its
             own batches for passes through the network).
+        seed : int, optional
+            Seed of the shuffling of tensor data and cached features (None: torch's global
+            random state).
+        verbose : bool
+            Show tqdm progress bars.
         weight_decay : float
             Decoupled weight decay on the extractor's parameters (``finetune`` only).
         max_grad_norm : float
             Gradient-norm clipping threshold.
-        verbose : bool
-            Show tqdm progress bars.
-        generator : torch.Generator, optional
-            Source of randomness for shuffling tensor data and cached features.
 
         Returns
         -------
@@ -267,28 +236,35 @@ class VBLLWrapper(nn.Module):
         finetune = self.method == "finetune"
         epochs = check_int("epochs", epochs if epochs is not None else (10 if finetune else 100))
         lr = check_positive("lr", lr if lr is not None else (1e-4 if finetune else 1e-2))
-        batch_size = check_int("batch_size", batch_size)
+        batch_size = check_int("batch_size", 128 if batch_size is None else batch_size)
         weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
         max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-        batches = self._batch_source(data, batch_size, generator)
+        generator = None if seed is None else seeded_generator(seed)
+        batches = batch_source(data, batch_size, generator, self._prepare_batch)
         self.history_ = []
-
-        phi, y = self._cache_features(batches(False), verbose)
-        self.head.num_data = phi.shape[0]
-        self._set_feature_mean(phi.mean(0))
-        if self.task == "regression":
-            self._fit_closed_form(phi, y)
-        if not finetune:
-            if self.task == "classification":
-                self._train_head(phi - self.feature_mean, y, epochs, lr, batch_size,
-                                 max_grad_norm, verbose, generator)  # fmt: skip
-            return self
-        del phi, y
-        self._finetune(batches, epochs, lr, weight_decay, max_grad_norm, verbose)
-        if self.task == "regression":
-            phi, y = self._cache_features(batches(False), verbose, check=False)
+        with torch.enable_grad():
+            phi, y = self._cache_features(batches(False), verbose)
+            self.head.num_data = phi.shape[0]
             self._set_feature_mean(phi.mean(0))
-            self._fit_closed_form(phi, y)
+            if self.task == "regression":
+                self._fit_closed_form(phi, y)
+            if not finetune:
+                if self.task == "classification":
+                    self.history_ += train_head(
+                        self.head, phi - self.feature_mean, y, epochs=epochs, lr=lr,
+                        batch_size=batch_size, generator=generator,
+                        max_grad_norm=max_grad_norm, verbose=verbose,
+                    )  # fmt: skip
+                else:
+                    with torch.no_grad():
+                        self.history_.append(float(self.head.loss(phi - self.feature_mean, y)))
+                return self
+            del phi, y
+            self._finetune(batches, epochs, lr, weight_decay, max_grad_norm, verbose)
+            if self.task == "regression":
+                phi, y = self._cache_features(batches(False), verbose, check=False)
+                self._set_feature_mean(phi.mean(0))
+                self._fit_closed_form(phi, y)
         return self
 
     def _set_feature_mean(self, mean: Tensor) -> None:
@@ -305,34 +281,6 @@ class VBLLWrapper(nn.Module):
     def _fit_closed_form(self, phi: Tensor, y: Tensor) -> None:
         self.fit_info_ = self.head.fit_closed_form(phi - self.feature_mean, y, learn_prior=True)
 
-    def _train_head(
-        self,
-        phi: Tensor,
-        y: Tensor,
-        epochs: int,
-        lr: float,
-        batch_size: int,
-        max_grad_norm: float,
-        verbose: bool,
-        generator: torch.Generator | None,
-    ) -> None:
-        """Adam on the head's parameters over cached features ``phi`` (N, d)."""
-        params = [p for p in self.head.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr)
-        n = phi.shape[0]
-        with _mode(self.head, True):
-            self.history_ += train_epochs(
-                optimizer,
-                lambda: (
-                    (phi[i], y[i]) for i in shuffled_batches(n, batch_size, generator, phi.device)
-                ),
-                self.head.loss,
-                epochs,
-                max_grad_norm=max_grad_norm,
-                desc="VBLL head",
-                verbose=verbose,
-            )
-
     def _finetune(
         self,
         batches: Callable[[bool], Iterator[Batch]],
@@ -348,11 +296,11 @@ class VBLLWrapper(nn.Module):
         groups = [{"params": body, "weight_decay": weight_decay}] if body else []
         groups.append({"params": head, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=lr)
-        with _mode(self, True):
-            self.history_ += train_epochs(
+        with training_mode(self, True):
+            self.history_ += train(
+                lambda x, y: self.head.loss(self.features(x), y),
                 optimizer,
                 lambda: batches(True),
-                lambda x, y: self.head.loss(self.features(x), y),
                 epochs,
                 max_grad_norm=max_grad_norm,
                 desc="VBLL finetune",
@@ -366,9 +314,12 @@ class VBLLWrapper(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Raw (uncentred) features and targets of all of ``data``, in eval mode."""
         feats, targets = [], []
-        with _mode(self, False):
+        with training_mode(self, False):
             for i, (x, y) in enumerate(tqdm(batches, desc="features", disable=not verbose)):
-                phi = self._checked_features(x) if (i == 0 and check) else self.extractor(x)
+                if i == 0 and check:
+                    phi = checked_features(self.extractor, self.reference_layer, self.layer_name, x)
+                else:
+                    phi = self.extractor(x)
                 self._check_y_width(y, f"data batch {i}: y")
                 feats.append(phi)
                 targets.append(y)
@@ -376,69 +327,13 @@ class VBLLWrapper(nn.Module):
             raise ValueError("data is empty: it yielded no batches")
         return torch.cat(feats), torch.cat(targets)
 
-    def _checked_features(self, x: Tensor) -> Tensor:
-        """Features of ``x``, checking that the original network's output is the replaced
-        layer applied to them (i.e. that the layer is the network's last operation)."""
-        captured: dict[str, Tensor] = {}
-
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if args:
-                captured["input"], captured["output"] = args[0], output
-
-        hint = f"pass last_layer= naming the final nn.Linear (candidates: {self._candidates()})"
-        handle = self.reference_layer.register_forward_hook(hook)
-        try:
-            if self.layer_name == "":
-                out = self.reference_layer(x)
-            else:
-                parent_name, attr = _split_name(self.layer_name)
-                parent = self.extractor.get_submodule(parent_name)
-                identity = getattr(parent, attr)
-                setattr(parent, attr, self.reference_layer)
-                try:
-                    out = self.extractor(x)
-                finally:
-                    setattr(parent, attr, identity)
-        finally:
-            handle.remove()
-        if "input" not in captured:
-            raise ValueError(
-                f"layer {self.layer_name!r} is not called (with a positional input) in the "
-                f"network's forward pass; {hint}"
-            )
-        if not isinstance(out, Tensor):
-            raise ValueError(
-                f"the network returns a {type(out).__name__}, not a Tensor; wrap needs a network "
-                "whose output is the output of its last nn.Linear"
-            )
-        phi, expected = captured["input"], captured["output"]
-        scale = float(expected.abs().max()) if expected.numel() else 0.0
-        same = out.numel() == expected.numel() and float(
-            (out.reshape(expected.shape) - expected).abs().max()
-        ) <= _CHECK_RTOL * max(scale, torch.finfo(expected.dtype).tiny)
-        if not same:
-            raise ValueError(
-                f"the network's output is not the output of layer {self.layer_name!r}: that layer "
-                f"is not the last operation of the network; {hint}"
-            )
-        if phi.dim() != 2:
-            raise ValueError(
-                f"the input of layer {self.layer_name!r} has shape {tuple(phi.shape)}; wrap needs "
-                "features of shape (batch, d)"
-            )
-        return phi
-
-    def _candidates(self) -> list[str]:
-        names = _linear_names(self.extractor)
-        return names if self.layer_name in names else names + [self.layer_name]
-
     # -- data handling ---------------------------------------------------------------------
-    def _prepare_x(self, x: Tensor, name: str) -> Tensor:
+    def _prepare_x(self, x: Tensor, name: str, cast: bool = True) -> Tensor:
         check_tensor(name, x)
         if x.dim() == 0:
             raise ValueError(f"{name} must have a leading batch dimension, got a scalar")
         x = x.to(self.device)
-        return x.to(self.dtype) if x.is_floating_point() else x
+        return x.to(self.dtype) if cast and x.is_floating_point() else x
 
     def _prepare_y(self, y: Tensor, name: str) -> Tensor:
         check_tensor(name, y)
@@ -473,40 +368,6 @@ class VBLLWrapper(nn.Module):
                 f"{where} X and y have different lengths: {x.shape[0]} and {y.shape[0]}"
             )
         return x, y
-
-    def _batch_source(
-        self,
-        data: torch.utils.data.DataLoader | Iterable[Batch] | tuple[Tensor, Tensor],
-        batch_size: int,
-        generator: torch.Generator | None,
-    ) -> Callable[[bool], Iterator[Batch]]:
-        """A function ``shuffle -> iterator of (x, y)`` batches on the model's device."""
-        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-            x, y = self._prepare_batch(data[0], data[1], "data:")
-
-            def tensor_batches(shuffle: bool) -> Iterator[Batch]:
-                n = x.shape[0]
-                if shuffle:
-                    order = torch.randperm(n, generator=generator).to(x.device)
-                    for idx in order.split(batch_size):
-                        yield x[idx], y[idx]
-                else:
-                    yield from zip(x.split(batch_size), y.split(batch_size), strict=True)
-
-            return tensor_batches
-        if isinstance(data, Tensor) or not isinstance(data, Iterable):
-            raise ValueError(
-                "data must be a DataLoader (or iterable) of (x, y) batches or a tuple (X, y) of "
-                f"tensors, got {type(data).__name__}"
-            )
-
-        def loader_batches(shuffle: bool) -> Iterator[Batch]:  # the loader decides on shuffling
-            for i, batch in enumerate(data):
-                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise ValueError(f"data must yield (x, y) pairs; batch {i} is not one")
-                yield self._prepare_batch(batch[0], batch[1], f"data batch {i}:")
-
-        return loader_batches
 
 
 def wrap(
@@ -555,7 +416,7 @@ def wrap(
         raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
     check_choice("task", task, TASKS)
     check_choice("method", method, METHODS)
-    name, layer = _find_linear(net, last_layer)
+    name, layer = find_linear(net, last_layer)
     if task == "classification" and layer.out_features < 2:
         raise ValueError(
             f"layer {name!r} has out_features={layer.out_features}; classification needs one "
@@ -568,7 +429,7 @@ def wrap(
         extractor: nn.Module = nn.Identity()
     else:
         extractor = _copy.deepcopy(net) if copy else net
-        parent_name, attr = _split_name(name)
+        parent_name, attr = split_name(name)
         setattr(extractor.get_submodule(parent_name), attr, nn.Identity())
 
     weight = layer.weight.detach()

@@ -1,9 +1,8 @@
 """Stochastic-gradient MCMC samplers as ``torch.optim.Optimizer`` subclasses.
 
-All samplers share one convention (DESIGN.md, "Objective scaling"): the user's loss is the
-*mean* negative log-likelihood of a minibatch, the optimizer is told the number of training
-points ``num_data = N``, and it scales internally so that the target is
-``exp(-U(theta) / T)`` with the full-data potential
+All samplers share one convention: the user's loss is the *mean* negative log-likelihood of
+a minibatch, the optimizer is told the number of training points ``num_data = N``, and it
+scales internally so that the target is ``exp(-U(theta) / T)`` with the full-data potential
 
     U(theta) = N * mean_loss_full(theta) + prior_precision * ||theta||^2 / 2.
 
@@ -15,12 +14,13 @@ With ``lr = eta * N`` the SGLD step is
 - :class:`PSGLD`: RMSprop-preconditioned SGLD (Li et al. 2016), freezable preconditioner.
 - :class:`CyclicalSchedule`: cosine cyclical step size with exploration / sampling phases
   (cSG-MCMC, Zhang et al. 2020).
-- :class:`SampleCollector`: burn-in, thinning and compact storage of weight samples, and the
-  predictive posterior averaged over them.
+- :class:`SampleCollector`: burn-in, thinning and compact storage of weight samples; a
+  :class:`bdl.core.Model` whose ``posterior(X)`` averages the network over them.
 - :func:`effective_sample_size`, :func:`rhat`: convergence diagnostics of the draws.
 - :class:`StructuredSampler`: structured SG-MCMC (S-SGMCMC, Alexos et al. 2022) over parameter
   groups (:func:`layer_groups`, :func:`neuron_groups`, :func:`random_groups`), full and dropout
-  variants, with a ring or reservoir :class:`ChainBuffer` of past samples.
+  variants, with a ring or reservoir :class:`ChainBuffer` of past samples; also a
+  :class:`bdl.core.Model` (``posterior(X)`` averages over the buffered states).
 - :class:`SGMCMCClassifier`, :class:`SGMCMCRegressor`: scikit-learn estimators (cyclical
   SGHMC on an MLP) whose defaults pick the step size with :func:`suggest_lr`.
 """
@@ -28,7 +28,6 @@ With ``lr = eta * N`` the SGLD step is
 from bdl.sgmcmc._base import NonFiniteGradientError, SGMCMCOptimizer
 from bdl.sgmcmc.collector import SampleCollector
 from bdl.sgmcmc.diagnostics import effective_sample_size, rhat
-from bdl.sgmcmc.estimators import SGMCMCClassifier, SGMCMCRegressor
 from bdl.sgmcmc.groups import groups_from_names, layer_groups, neuron_groups, random_groups
 from bdl.sgmcmc.psgld import PSGLD
 from bdl.sgmcmc.schedule import CyclicalSchedule
@@ -36,6 +35,17 @@ from bdl.sgmcmc.sghmc import SGHMC
 from bdl.sgmcmc.sgld import SGLD
 from bdl.sgmcmc.stepsize import hessian_max_eigenvalue, initial_square_avg, suggest_lr
 from bdl.sgmcmc.structured import ChainBuffer, StructuredSampler
+
+_LAZY = {"SGMCMCClassifier", "SGMCMCRegressor"}  # import scikit-learn only when used
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from bdl.sgmcmc import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module 'bdl.sgmcmc' has no attribute {name!r}")
+
 
 __all__ = [
     "SGLD",

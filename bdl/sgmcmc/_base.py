@@ -1,7 +1,7 @@
 r"""Shared machinery of the SG-MCMC optimizers: validation, scaling, noise, finiteness checks.
 
-Convention (DESIGN.md, "Objective scaling")
--------------------------------------------
+Convention
+----------
 The user minimises the *mean* minibatch negative log-likelihood
 
 .. math::

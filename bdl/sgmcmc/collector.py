@@ -11,22 +11,22 @@ Usage (call :meth:`SampleCollector.update` once after every optimizer step)::
 
 Each sample is the vector of the model's trainable parameters (flattened in
 ``model.parameters()`` order, as :func:`torch.nn.utils.parameters_to_vector` does) plus the
-vector of its floating-point buffers (BatchNorm running statistics: they are not parameters
-of the posterior but belong to each sample, ALGORITHMS.md §2.7).
+vector of its floating-point buffers: BatchNorm running statistics are not parameters of the
+posterior, but they are functions of the weights they were accumulated under, so each sample
+keeps its own.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bdl.core.validation import check_choice, check_int
-from bdl.core.posterior import CategoricalPosterior, SamplePosterior
+from bdl.core.validation import check_int
+from bdl.sgmcmc._predict import SamplePredictive
 from bdl.sgmcmc.schedule import CyclicalSchedule
 
 __all__ = ["SampleCollector"]
@@ -50,7 +50,7 @@ def _assign(tensors: list[Tensor], vector: Tensor) -> None:
         offset += n
 
 
-class SampleCollector:
+class SampleCollector(SamplePredictive):
     """Thinned, compactly stored weight samples of an SG-MCMC chain, with a predictive.
 
     Collection rule (``t`` counts calls of :meth:`update`, 1-based):
@@ -72,6 +72,11 @@ class SampleCollector:
     chain: memory is ``S x P x 2`` bytes). With ``max_samples`` the samples live in a ring
     buffer that keeps the newest ``max_samples`` (older ones are dropped as new ones arrive).
 
+    Prediction: the collector is a :class:`bdl.core.Model`; :meth:`posterior` puts every
+    stored sample into the network (``torch.func.functional_call``, eval mode; the network's
+    own parameters are never touched) and returns the equal-weight mixture over the samples,
+    read according to ``task``, in the dtype and on the device of ``X``.
+
     Parameters
     ----------
     model : nn.Module
@@ -88,6 +93,25 @@ class SampleCollector:
         Device of the stored samples; the parameters' device by default.
     schedule : CyclicalSchedule, optional
         Collect only in the sampling phases of its cycles (see above).
+    task : {"classification", "regression"}, default "classification"
+        What :meth:`posterior` reads the network's outputs as: logits ``(..., n, C)``
+        (a :class:`~bdl.core.posterior.CategoricalPosterior` of the averaged softmax) or
+        function values ``(..., n, m)`` (a :class:`~bdl.core.posterior.SamplePosterior`).
+    noise_variance : float or Tensor, optional
+        Regression: the observation-noise variance ``posterior(X, observation_noise=True)``
+        adds (broadcastable to ``(..., n, m)``).
+    log_noise_std : str, optional
+        Regression, instead of ``noise_variance``: the name (as in ``named_parameters()``) of
+        a parameter sampled with the weights that holds the log noise standard deviation per
+        output; each sample's noise variance is ``exp(2 * value)``.
+    num_outputs : int, optional
+        Outputs ``m`` (classes) of the network; inferred from its last module with
+        ``out_features`` when omitted.
+
+    Attributes
+    ----------
+    task, noise_variance, log_noise_std
+        As given; may be set after construction (checked by :meth:`posterior`).
     """
 
     def __init__(
@@ -99,14 +123,28 @@ class SampleCollector:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         schedule: CyclicalSchedule | None = None,
+        *,
+        task: str = "classification",
+        noise_variance: float | Tensor | None = None,
+        log_noise_std: str | None = None,
+        num_outputs: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        if not self._params:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("model has no trainable parameters (requires_grad=True) to collect")
-        self._buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self._param_names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        self._buffer_names = [n for n, _ in buffers]
+        self._buffers = [b for _, b in buffers]
+        self._init_predictive(task, noise_variance, log_noise_std, num_outputs)
+        if log_noise_std is not None and log_noise_std not in self._param_names:
+            raise ValueError(
+                f"log_noise_std={log_noise_std!r} is not a trainable parameter of model"
+            )
         self.burn_in = check_int("burn_in", burn_in, minimum=0)
         self.thin = check_int("thin", thin, minimum=1)
         self.max_samples = None if max_samples is None else check_int("max_samples", max_samples)
@@ -185,103 +223,43 @@ class SampleCollector:
         return torch.stack([b for _, b in self._store])
 
     # -- prediction --------------------------------------------------------------------------
-    @contextmanager
-    def _preserved_model(self) -> Iterator[None]:
-        """Eval mode and no_grad inside; parameters, buffers and train flags restored after."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        saved_params = [p.detach().clone() for p in self._params]
-        saved_buffers = [b.detach().clone() for b in self._buffers]
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                yield
-        finally:
-            with torch.no_grad():
-                for t, s in zip(self._params, saved_params, strict=True):
-                    t.copy_(s)
-                for t, s in zip(self._buffers, saved_buffers, strict=True):
-                    t.copy_(s)
-            for m, mode in modes:
-                m.training = mode
-
     def load_sample(self, index: int) -> None:
         """Overwrite the model's parameters and buffers with stored sample ``index``."""
         params, buffers = self._store[index]
         _assign(self._params, params)
         _assign(self._buffers, buffers)
 
-    def _forward(self, x: Tensor, batch_size: int | None) -> Tensor:
-        if batch_size is None or batch_size >= x.shape[0]:
-            return self.model(x)
-        return torch.cat([self.model(chunk) for chunk in torch.split(x, batch_size)], dim=0)
+    def named_samples(self) -> dict[str, Tensor]:
+        """Stored values of every collected parameter, ``name -> (S, *shape)``, oldest first.
 
-    def posterior(
-        self,
-        x: Tensor,
-        task: str = "classification",
-        noise_variance: Tensor | float | None = None,
-        batch_size: int | None = None,
-    ) -> CategoricalPosterior | SamplePosterior:
-        """Predictive distribution at ``x`` averaged over the stored samples.
-
-        Each sample is loaded into the model in turn (eval mode, no gradients); the model's
-        own parameters, buffers and train/eval flags are restored afterwards, even on error.
-
-        Parameters
-        ----------
-        x : Tensor, shape (n, ...)
-            Inputs, as the model takes them.
-        task : {"classification", "regression"}
-            ``"classification"``: the model returns logits ``(..., n, C)`` and the result is a
-            :class:`~bdl.posterior.CategoricalPosterior` whose ``probs`` are the mean over
-            samples of the softmax (probabilities are averaged, not logits) and whose
-            ``prob_samples`` have shape ``(S, ..., n, C)``. ``"regression"``: the model returns
-            ``(..., n, m)`` (or ``(n,)``, read as ``m = 1``) and the result is a
-            :class:`~bdl.posterior.SamplePosterior` of the outputs ``(S, ..., n, m)``: mean and
-            variance are the equal-weight mixture moments.
-        noise_variance : float or Tensor, optional
-            Regression only: observation-noise variance (broadcastable to ``(S, ..., n, m)``),
-            added to the mixture variance; the latent function's predictive when ``None``.
-        batch_size : int, optional
-            Evaluate ``x`` in chunks of this many rows (outputs concatenated along dim 0).
-
-        Returns
-        -------
-        CategoricalPosterior or SamplePosterior
+        E.g. ``effective_sample_size(collector.named_samples()["0.bias"])``.
         """
-        check_choice("task", task, ("classification", "regression"))
-        if not isinstance(x, Tensor):
-            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
-        if batch_size is not None:
-            batch_size = check_int("batch_size", batch_size)
-        if task == "classification" and noise_variance is not None:
-            raise ValueError("noise_variance applies to task='regression' only")
-        if not self._store:
-            raise ValueError(
-                f"SampleCollector holds no samples: posterior needs at least one collected "
-                f"sample (steps taken: {self.num_steps}, burn_in={self.burn_in}, thin={self.thin})"
-            )
-        outputs = []
-        with self._preserved_model():
-            for i in range(len(self._store)):
-                self.load_sample(i)
-                out = self._forward(x, batch_size)
-                if task == "classification":
-                    if out.dim() < 2:
-                        raise ValueError(
-                            f"task='classification' needs logits of shape (..., n, C), the "
-                            f"model returned shape {tuple(out.shape)}"
-                        )
-                    out = torch.softmax(out, dim=-1)
-                elif out.dim() == 1:
-                    out = out.unsqueeze(-1)
-                outputs.append(out)
-        stacked = torch.stack(outputs)
-        if task == "classification":
-            return CategoricalPosterior(stacked.mean(0), prob_samples=stacked)
-        return SamplePosterior(stacked, noise_variance=noise_variance)
+        samples = self.samples
+        parts = samples.split([p.numel() for p in self._params], dim=1)
+        return {
+            name: part.reshape(samples.shape[0], *p.shape)
+            for name, p, part in zip(self._param_names, self._params, parts, strict=True)
+        }
+
+    def _sampled_names(self) -> set[str]:
+        return set(self._param_names) | set(self._buffer_names)
+
+    def _num_states(self) -> int:
+        return len(self._store)
+
+    def _states(self, dtype: torch.dtype, device: torch.device) -> Iterator[dict[str, Tensor]]:
+        names = self._param_names + self._buffer_names
+        tensors = self._params + self._buffers
+        for params, buffers in list(self._store):
+            flat = torch.cat([params, buffers]).to(dtype=dtype, device=device)
+            parts = flat.split([t.numel() for t in tensors])
+            yield {n: part.view(t.shape) for n, t, part in zip(names, tensors, parts, strict=True)}
+
+    def _empty_message(self) -> str:
+        return (
+            f"SampleCollector holds no samples: posterior needs at least one collected "
+            f"sample (steps taken: {self.num_steps}, burn_in={self.burn_in}, thin={self.thin})"
+        )
 
     # -- serialisation -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -327,6 +305,7 @@ class SampleCollector:
     def __repr__(self) -> str:
         return (
             f"SampleCollector(num_samples={len(self)}, num_params={self.num_params}, "
-            f"burn_in={self.burn_in}, thin={self.thin}, max_samples={self.max_samples}, "
+            f"task={self.task!r}, burn_in={self.burn_in}, thin={self.thin}, "
+            f"max_samples={self.max_samples}, "
             f"dtype={self.dtype}, device={self.device})"
         )

@@ -1,4 +1,4 @@
-r"""Parameter groups for structured SG-MCMC (ALGORITHMS.md §2.6).
+r"""Parameter groups for structured SG-MCMC (Alexos, Boyd & Mandt, ICML 2022).
 
 A grouping gives every sampled scalar weight an integer group id: a ``dict`` mapping a
 parameter name (as in ``model.named_parameters()``) to a ``LongTensor`` of ids with the

@@ -1,6 +1,6 @@
 r"""Preconditioned SGLD, RMSprop preconditioner (pSGLD; Li, Chen, Carlson & Carin, AAAI 2016).
 
-Update (ALGORITHMS.md §2.3), with the per-datum gradient
+Update (Li et al., Algorithm 1), with the per-datum gradient
 :math:`d = \nabla \bar L(\theta) + \lambda \theta / N` (mean minibatch loss :math:`\bar L`,
 ``prior_precision`` :math:`\lambda`, ``num_data`` :math:`= N`), ``lr`` :math:`= \eta N`,
 ``temperature`` :math:`T`, decay ``alpha`` :math:`\rho` and ``eps`` :math:`\epsilon`:

@@ -1,7 +1,7 @@
 r"""Cyclical step-size schedule of cyclical SG-MCMC (cSG-MCMC; Zhang et al., ICLR 2020).
 
 With ``num_steps`` :math:`K`, ``num_cycles`` :math:`M`, cycle length :math:`c = \lceil K/M
-\rceil` and 0-based step index :math:`k`, each group's learning rate is (ALGORITHMS.md §2.4)
+\rceil` and 0-based step index :math:`k`, each group's learning rate is (Zhang et al., eq. 1)
 
 .. math::
 

@@ -1,9 +1,9 @@
 r"""Stochastic-gradient Hamiltonian Monte Carlo (SGHMC; Chen, Fox & Guestrin, ICML 2014).
 
-The "SGD with momentum" discretisation (ALGORITHMS.md §2.2; Chen et al. eq. 15 with
-:math:`\hat\beta = 0`), with the mean minibatch loss :math:`\bar L`, ``lr`` :math:`= \eta N`,
-``num_data`` :math:`= N`, ``temperature`` :math:`T`, ``prior_precision`` :math:`\lambda` and
-friction ``momentum_decay`` :math:`\alpha \in (0, 1]`:
+The "SGD with momentum" discretisation (Chen et al., eq. 15 with :math:`\hat\beta = 0`), with
+the mean minibatch loss :math:`\bar L`, ``lr`` :math:`= \eta N`, ``num_data`` :math:`= N`,
+``temperature`` :math:`T`, ``prior_precision`` :math:`\lambda` and friction ``momentum_decay``
+:math:`\alpha \in (0, 1]`:
 
 .. math::
 

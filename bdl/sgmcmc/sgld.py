@@ -1,7 +1,8 @@
 r"""Stochastic-gradient Langevin dynamics (SGLD; Welling & Teh, ICML 2011).
 
-Update (ALGORITHMS.md §2.1), with the mean minibatch loss :math:`\bar L`, ``lr`` :math:`= \eta N`,
-``num_data`` :math:`= N`, ``temperature`` :math:`T` and ``prior_precision`` :math:`\lambda`:
+Update (Welling & Teh, eq. 4, whose step :math:`\epsilon` is :math:`2\eta` here), with the
+mean minibatch loss :math:`\bar L`, ``lr`` :math:`= \eta N`, ``num_data`` :math:`= N`,
+``temperature`` :math:`T` and ``prior_precision`` :math:`\lambda`:
 
 .. math::
 

@@ -1,13 +1,13 @@
 r"""Step-size heuristic for the SG-MCMC samplers: the curvature of the potential at the start.
 
-Reasoning (ALGORITHMS.md §2.1–2.3, §2.8)
----------------------------------------
+Reasoning
+---------
 In the ``num_data`` convention (``lr = eta * N``) the samplers see the per-datum potential
 :math:`u(\theta) = U(\theta) / N = \bar L_{\mathrm{full}}(\theta) + \lambda \lVert\theta
 \rVert^2 / (2N)`. On a quadratic :math:`u` with Hessian eigenvalue :math:`h` the SGLD chain is
 the AR(1) recursion :math:`\theta' = (1 - \mathrm{lr}\, h)\,\theta + \text{noise}`: it is stable
 iff :math:`\mathrm{lr}\, h < 2`, and its stationary variance is :math:`T / (N h (1 -
-\mathrm{lr}\, h / 2))` (§2.8 item 1). :func:`suggest_lr` therefore returns
+\mathrm{lr}\, h / 2))` (see :mod:`bdl.sgmcmc.sgld`). :func:`suggest_lr` therefore returns
 
 .. math::
 
@@ -44,11 +44,9 @@ so the samples are drawn where ``lr * h`` is small whatever the curvature has be
 Why at the initial weights, not at a warm-started mode: at a mode that fits the training
 labels, the cross-entropy Hessian :math:`J^\top (\operatorname{diag} p - p p^\top) J` shrinks
 with the softmax saturating, so :math:`h_{\max}` there understates the curvature the chain
-meets once the injected noise moves it off the mode. Measured on digits (2 x 128 MLP, SGHMC,
-BENCHMARKS.md protocol): re-measured after a 5-epoch noise-free warm start the suggestion rose
-to 1.9x the initial one on one seed of five, whose chain then ran hot (test NLL 0.45, ECE
-0.31 at accuracy 0.975); after 10 epochs the mean NLL over five seeds was 1.43; a warm start
-keeping the initial suggestion gained nothing (NLL 0.103-0.113 vs 0.108 without).
+meets once the injected noise moves it off the mode: a step re-measured after a noise-free
+warm start can be much larger and make the chain run hot (the user guide's "Estimators"
+section has the details).
 """
 
 from __future__ import annotations

@@ -1,58 +1,25 @@
-r"""Structured SG-MCMC (S-SGMCMC; Alexos, Boyd & Mandt, ICML 2022; ALGORITHMS.md §2.6).
+r"""Structured SG-MCMC (S-SGMCMC; Alexos, Boyd & Mandt, ICML 2022).
 
 The parameters are split into groups :math:`\theta = (\theta_1, \dots, \theta_K)` and the
-sampler targets the structured mean-field fixed point
-:math:`q(\theta) = \prod_g q_g(\theta_g)` with
+sampler targets the structured mean-field fixed point :math:`q(\theta) = \prod_g
+q_g(\theta_g)`, :math:`q_g \propto \exp(-U_g / T)`, whose *self-averaged energy*
+:math:`U_g(\theta_g)` is the full-data potential averaged over the other groups drawn from
+the chain's own stored samples. Every :meth:`StructuredSampler.step` evaluates the mean
+minibatch loss at *composite* parameters (one group at its current value, the others at
+stored samples; ``K`` composites for the ``"full"`` variant, ``num_masks`` random-mask
+composites for ``"dropout"``), gives every group the gradient of its own composites' loss,
+and lets the wrapped SG-MCMC optimizer (default :class:`~bdl.sgmcmc.SGLD`) apply its usual
+update; with one group, or ``dropout_p = 0``, this is that optimizer exactly. The equations,
+and the reasons to start from a MAP solution and flush the burn-in transient from the
+buffer, are in the user guide's structured SG-MCMC section.
 
-.. math::
-
-    q_g(\theta_g) \propto \exp\bigl(-U_g(\theta_g) / T\bigr), \qquad
-    U_g(\theta_g) = \mathbb E_{\tilde\theta_{-g} \sim q_{-g}}
-        \bigl[N \bar L_{\mathrm{full}}(\theta_g, \tilde\theta_{-g})\bigr]
-        + \tfrac{\lambda}{2} \lVert\theta_g\rVert^2,
-
-the *self-averaged energy*, where :math:`q_{-g}` is the empirical law of the chain's own
-stored samples of the other groups, each group drawn independently. One :meth:`step` of the
-**full** variant builds, for every group :math:`g`, the composite parameters
-:math:`c_g` (group :math:`g` at its current value, every other group :math:`h` at a stored
-sample :math:`\tilde\theta_h^{(j_{gh})}` with :math:`j_{gh}` uniform over the stored
-entries), evaluates :math:`\sum_g \bar L(c_g)` on one minibatch (``K`` forward passes, one
-``vmap`` batch) and differentiates it w.r.t. the current :math:`\theta`, so that group
-:math:`g` receives :math:`\nabla_{\theta_g} \bar L(c_g)` only. The wrapped SG-MCMC
-optimizer (default :class:`~bdl.sgmcmc.SGLD`) then applies its usual update, for SGLD
-
-.. math::
-
-    \theta_g \leftarrow \theta_g - \mathrm{lr}\,\bigl(\nabla_{\theta_g} \bar L(c_g)
-        + \lambda \theta_g / N\bigr) + \sqrt{2\,\mathrm{lr}\,T / N}\;\xi_g,
-
-and the new :math:`\theta` is pushed into the buffer. With one group this is plain SGLD.
-
-The **dropout** variant draws ``L = num_masks`` masks :math:`\rho_l \in \{0,1\}^K` with
-:math:`\rho_{lg} \sim \mathrm{Bernoulli}(1 - p)` (``dropout_p`` :math:`= p` is the
-probability that a group is *dropped*, i.e. replaced by a stored sample; the paper's ``p``
-is the keep probability :math:`1 - p`), composites
-:math:`c_l = \rho_l \odot \theta + (1 - \rho_l) \odot \tilde\theta_l` and the loss
-
-.. math::
-
-    \hat L = \frac{1}{(1 - p) L} \sum_{l=1}^{L} \bar L(c_l),
-
-whose gradient w.r.t. :math:`\theta_g` is unbiased for
-:math:`\mathbb E_{\rho, \tilde\theta}[\nabla_{\theta_g} \bar L(c) \mid \rho_g = 1]`.
-``dropout_p = 0`` is exactly plain SGLD (every composite is :math:`\theta`; one pass).
-The prior drift is applied to every group at every step (unbiased), not only to kept groups
-as in the reference code.
-
-Pitfalls (ALGORITHMS.md §2.7): start from a MAP solution, and flush the burn-in transient
-from the buffer (:meth:`StructuredSampler.clear_buffer`) or use a ring buffer, since the
-bias of a uniformly sampled buffer decays only polynomially. A finite buffer of effective
-size ``buffer_size / tau`` adds variance and spurious cross-group correlation.
+The sampler is a :class:`bdl.core.Model`: ``posterior(X)`` averages the network over the
+buffered states, as :class:`~bdl.sgmcmc.SampleCollector` does over its samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,6 +28,8 @@ from torch.func import functional_call, vmap
 
 from bdl.core.validation import check_choice, check_int
 from bdl.sgmcmc._base import SGMCMCOptimizer, _check_real
+from bdl.sgmcmc._predict import SamplePredictive
+from bdl.sgmcmc.buffer import ChainBuffer
 from bdl.sgmcmc.groups import (
     groups_from_names,
     layer_groups,
@@ -71,78 +40,6 @@ from bdl.sgmcmc.groups import (
 from bdl.sgmcmc.sgld import SGLD
 
 __all__ = ["ChainBuffer", "StructuredSampler"]
-
-
-class ChainBuffer:
-    """Fixed-capacity store of flat parameter vectors: ring buffer or reservoir.
-
-    ``mode="ring"`` keeps the newest ``capacity`` pushes; ``mode="reservoir"`` keeps a
-    uniform random subset of all pushes (Vitter's algorithm R: push number ``n``, counted
-    from 0, replaces slot ``j ~ U{0..n}`` if ``j < capacity``), so after ``n`` pushes every
-    one is stored with probability ``capacity / n``.
-
-    Parameters
-    ----------
-    capacity : int
-        Number of slots ``S``.
-    dim : int
-        Length ``D`` of a pushed vector.
-    mode : {"ring", "reservoir"}
-    dtype, device
-        Of the storage, shape ``(S, D)``.
-    generator : torch.Generator, optional
-        Source of the reservoir's slot draws (on ``generator.device``).
-    """
-
-    def __init__(
-        self,
-        capacity: int,
-        dim: int,
-        *,
-        mode: str = "ring",
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        self.capacity = check_int("buffer_size", capacity)
-        self.mode = check_choice("buffer", mode, ("ring", "reservoir"))
-        self.generator = generator
-        self.data = torch.zeros(self.capacity, check_int("dim", dim), dtype=dtype, device=device)
-        self.stamps = torch.full((self.capacity,), -1, dtype=torch.long)
-        self.num_pushed = 0
-
-    def __len__(self) -> int:
-        """Number of stored entries, ``min(num_pushed, capacity)``."""
-        return min(self.num_pushed, self.capacity)
-
-    @property
-    def samples(self) -> Tensor:
-        """The stored vectors, shape ``(len(self), D)`` (a view; slot order, not time order)."""
-        return self.data[: len(self)]
-
-    @property
-    def steps(self) -> Tensor:
-        """Push number (0-based) of every stored entry, shape ``(len(self),)``."""
-        return self.stamps[: len(self)]
-
-    def push(self, x: Tensor) -> None:
-        """Store a copy of ``x`` (shape ``(D,)``) according to the mode."""
-        n = self.num_pushed
-        if n < self.capacity or self.mode == "ring":
-            slot: int | None = n % self.capacity
-        else:
-            device = self.generator.device if self.generator is not None else "cpu"
-            j = int(torch.randint(n + 1, (1,), generator=self.generator, device=device).item())
-            slot = j if j < self.capacity else None
-        if slot is not None:
-            self.data[slot].copy_(x)
-            self.stamps[slot] = n
-        self.num_pushed = n + 1
-
-    def reset(self) -> None:
-        """Forget every entry."""
-        self.num_pushed = 0
-        self.stamps.fill_(-1)
 
 
 class _LossModule(nn.Module):
@@ -157,7 +54,35 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model)
 
 
-class StructuredSampler:
+def _resolve_groups(
+    model: nn.Module,
+    groups: str | Sequence[Sequence[str]] | Mapping[str, Tensor],
+    num_groups: int | None,
+    group_seed: int,
+) -> Mapping[str, Tensor]:
+    """The group-id dict of ``groups`` (a protocol name, lists of names, or a dict)."""
+    if isinstance(groups, str):
+        check_choice("groups", groups, ("layer", "neuron", "random"))
+        if groups != "random" and num_groups is not None:
+            raise ValueError("num_groups is only used with groups='random'")
+        if groups == "random":
+            if num_groups is None:
+                raise ValueError("num_groups is required with groups='random'")
+            return random_groups(model, num_groups, seed=group_seed)
+        return layer_groups(model) if groups == "layer" else neuron_groups(model)
+    if num_groups is not None:
+        raise ValueError("num_groups is only used with groups='random'")
+    if isinstance(groups, Mapping):
+        return groups
+    if isinstance(groups, Sequence):
+        return groups_from_names(model, groups)
+    raise ValueError(
+        "groups must be 'layer', 'neuron', 'random', a list of lists of parameter "
+        f"names or a dict of group-id tensors, got {type(groups).__name__}"
+    )
+
+
+class StructuredSampler(SamplePredictive):
     """Structured SG-MCMC over parameter groups, driven from an ordinary training loop.
 
     Parameters
@@ -195,6 +120,10 @@ class StructuredSampler:
         loss: no in-place BatchNorm statistics); ``False`` loops over them.
     generator : torch.Generator, optional
         Source of noise, buffer indices, masks and reservoir draws (params' device).
+    task, noise_variance, log_noise_std, num_outputs
+        How :meth:`posterior` reads the network's outputs, as for
+        :class:`~bdl.sgmcmc.SampleCollector` (``log_noise_std`` must name a grouped
+        parameter).
 
     Attributes
     ----------
@@ -230,30 +159,14 @@ class StructuredSampler:
         num_masks: int = 1,
         vectorize: bool = True,
         generator: torch.Generator | None = None,
+        task: str = "classification",
+        noise_variance: float | Tensor | None = None,
+        log_noise_std: str | None = None,
+        num_outputs: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(groups, str):
-            check_choice("groups", groups, ("layer", "neuron", "random"))
-            if groups != "random" and num_groups is not None:
-                raise ValueError("num_groups is only used with groups='random'")
-            if groups == "random":
-                if num_groups is None:
-                    raise ValueError("num_groups is required with groups='random'")
-                groups = random_groups(model, num_groups, seed=group_seed)
-            else:
-                groups = layer_groups(model) if groups == "layer" else neuron_groups(model)
-        elif num_groups is not None:
-            raise ValueError("num_groups is only used with groups='random'")
-        elif isinstance(groups, Mapping):
-            pass
-        elif isinstance(groups, Sequence):
-            groups = groups_from_names(model, groups)
-        else:
-            raise ValueError(
-                "groups must be 'layer', 'neuron', 'random', a list of lists of parameter "
-                f"names or a dict of group-id tensors, got {type(groups).__name__}"
-            )
+        groups = _resolve_groups(model, groups, num_groups, group_seed)
         if not (isinstance(sampler, type) and issubclass(sampler, SGMCMCOptimizer)):
             raise ValueError(f"sampler must be an SGMCMCOptimizer subclass, got {sampler!r}")
         self.variant = check_choice("variant", variant, ("full", "dropout"))
@@ -269,6 +182,9 @@ class StructuredSampler:
         self._params = [p for _, p in named]
         self._shapes = [p.shape for p in self._params]
         self._sizes = [p.numel() for p in self._params]
+        self._init_predictive(task, noise_variance, log_noise_std, num_outputs)
+        if log_noise_std is not None and log_noise_std not in self._names:
+            raise ValueError(f"log_noise_std={log_noise_std!r} is not a grouped parameter")
         self.optimizer = sampler(
             self._params,
             lr=lr,
@@ -465,3 +381,15 @@ class StructuredSampler:
         stored = self.buffer.samples
         idx = self._randint(len(stored), (num_samples, self.num_groups))
         return self._unflatten(stored.gather(0, idx[:, self.group_ids]))
+
+    # -- prediction (the model protocol) ------------------------------------------------------
+    def _sampled_names(self) -> set[str]:
+        return set(self._names)
+
+    def _num_states(self) -> int:
+        return len(self.buffer)
+
+    def _states(self, dtype: torch.dtype, device: torch.device) -> Iterator[dict[str, Tensor]]:
+        """Every buffered state in slot order; parameters outside the groups stay as they are."""
+        for row in self.buffer.samples.clone():
+            yield self._unflatten(row.to(dtype=dtype, device=device))

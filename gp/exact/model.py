@@ -5,24 +5,23 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F_
 from gpytorch.kernels import Kernel
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bdl.core.linalg import psd_safe_cholesky
+from bdl.core.model import Model, cast_posterior
 from bdl.core.posterior import GaussianPosterior
+from bdl.core.validation import check_inputs
+from gp._noise import NoiseMixin
+from gp.fitting import MarginalLikelihoodFit
 from gp.kernels.matvec import cross_covariance_chunks, kernel_diag
+from gp.likelihoods import NOISE_LOWER_BOUND
 
 __all__ = ["ExactGP", "gaussian_log_marginal_likelihood"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _MEANS = ("constant", "zero")
-
-
-def _inverse_softplus(x: Tensor) -> Tensor:
-    """``log(exp(x) - 1)`` computed stably for ``x > 0``."""
-    return x + torch.log(-torch.expm1(-x))
 
 
 class _CholeskyLML(torch.autograd.Function):
@@ -87,28 +86,6 @@ def gaussian_log_marginal_likelihood(K: Tensor, r: Tensor) -> Tensor:
     return _CholeskyLML.apply(K, r)
 
 
-def _as_inputs(X: object, name: str) -> Tensor:
-    """Validate inputs: shape (n,), (n, d) or (..., n, d); finite; n >= 1. Returns (..., n, d)."""
-    if not isinstance(X, Tensor):
-        try:
-            X = torch.as_tensor(X)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"{name} must be a tensor of shape (..., n, d), got {X!r}") from err
-    if not (X.dtype.is_floating_point or X.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"{name} must hold real numbers, got dtype {X.dtype}")
-    if not X.dtype.is_floating_point:
-        X = X.to(torch.get_default_dtype())
-    if X.dim() == 1:
-        X = X.unsqueeze(-1)
-    if X.dim() < 2:
-        raise ValueError(f"{name} must have shape (n, d) or (..., n, d), got {tuple(X.shape)}")
-    if X.shape[-2] == 0 or X.shape[-1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(X.shape)}); give at least one point")
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError(f"{name} contains NaN or inf; inputs must be finite")
-    return X
-
-
 def _as_targets(y: object, X: Tensor) -> Tensor:
     """Validate targets against inputs ``X`` (..., n, d): shape (..., n) or (..., n, 1)."""
     if not isinstance(y, Tensor):
@@ -135,21 +112,22 @@ def _as_targets(y: object, X: Tensor) -> Tensor:
     return y
 
 
-class ExactGP(nn.Module):
+class ExactGP(nn.Module, NoiseMixin, MarginalLikelihoodFit, Model):
     """Exact GP regression: Cholesky factorisation, analytic gradients, joint posteriors.
 
     The model is ``y_i = f(x_i) + eps_i`` with ``f ~ GP(mu, k)``, ``mu`` a learned constant
     (or zero) and ``eps_i ~ N(0, noise)``. Everything is exact: the log marginal likelihood
     is computed from a Cholesky factor of ``K + noise I`` (O(n^3) time, O(n^2) memory), never
     by conjugate gradients or stochastic trace estimators, whatever the size of ``n``.
+    Implements :class:`bdl.core.Model`.
 
     Usage::
 
         model = ExactGP(ScaleKernel(MaternKernel(nu=1.5)), noise=0.1).double()
-        loss = -model.log_marginal_likelihood(X, y)    # full sum over points
-        loss.backward()
-        model.set_data(X, y)
-        post = model.posterior(X_new)                 # GaussianPosterior, joint covariance
+        model.fit((X, y))                             # type-II ML (L-BFGS), history_
+        loss = -model.log_marginal_likelihood(X, y)   # full sum over points
+        post = model.posterior(X_new)                 # GaussianPosterior, marginal variances
+        post = model.posterior(X_new, joint=True)     # ... with the joint covariance
 
     Several independent GPs are handled by a leading batch shape: ``X`` of shape
     ``(b, n, d)`` and ``y`` of shape ``(b, n)`` give ``b`` log marginal likelihoods. They share
@@ -161,18 +139,24 @@ class ExactGP(nn.Module):
     kernel : gpytorch.kernels.Kernel
         Prior covariance ``k``; its hyperparameters are parameters of this module.
     noise : float or Tensor, default 0.1
-        Initial observation-noise variance, > 0. Stored as ``raw_noise`` with
-        ``noise = softplus(raw_noise)`` (shape ``batch_shape``).
+        Initial observation-noise variance, > ``noise_lower_bound``. Stored as
+        ``raw_noise`` (shape ``batch_shape``) behind a gpytorch ``GreaterThan`` constraint
+        (``raw_noise_constraint``): ``noise = softplus(raw_noise) + noise_lower_bound``.
     mean : {"constant", "zero"}, default "constant"
         Prior mean: a learned constant ``constant`` (shape ``batch_shape``, initially 0) or 0.
     batch_shape : torch.Size, default ()
         Batch shape of the noise and constant-mean parameters.
+    noise_lower_bound : float, default :data:`gp.likelihoods.NOISE_LOWER_BOUND` (1e-6)
+        Lower bound of the noise variance (0 allows any positive noise).
 
     Attributes
     ----------
     train_X : Tensor or None, shape (..., n, d)
     train_y : Tensor or None, shape (..., n)
-        Data from :meth:`set_data` (plain attributes, not part of ``state_dict``).
+        Data from :meth:`set_data` (non-persistent buffers: moved and cast by ``.to()``, not
+        part of ``state_dict``).
+    history_ : list of float
+        ``-log p(y)`` during the last :meth:`fit`.
 
     Notes
     -----
@@ -184,7 +168,9 @@ class ExactGP(nn.Module):
     / 2`` without differentiating through the factorisation.
 
     Computation happens in the dtype of the data (cast the module with ``.double()`` for
-    float64). Non-positive-definite matrices get bounded jitter with a ``JitterWarning``.
+    float64); :meth:`posterior` computes in the promoted dtype of the data and ``X`` and
+    answers in ``X``'s. Non-positive-definite matrices get bounded jitter with a
+    ``JitterWarning``.
     """
 
     def __init__(
@@ -193,51 +179,38 @@ class ExactGP(nn.Module):
         noise: float | Tensor = 0.1,
         mean: str = "constant",
         batch_shape: torch.Size | tuple[int, ...] = torch.Size(),
+        noise_lower_bound: float = NOISE_LOWER_BOUND,
     ) -> None:
         super().__init__()
         if not isinstance(kernel, Kernel):
             raise ValueError(f"kernel must be a gpytorch Kernel, got {type(kernel).__name__}")
         if mean not in _MEANS:
             raise ValueError(f"mean must be one of {_MEANS}, got {mean!r}")
-        self.batch_shape = torch.Size(batch_shape)
+        self._batch_shape = torch.Size(batch_shape)
         self.kernel = kernel
         self.mean_type = mean
-        self.raw_noise = nn.Parameter(_inverse_softplus(self._check_noise(noise)))
+        self._init_noise(noise, noise_lower_bound, self._batch_shape)
         if mean == "constant":
-            self.constant = nn.Parameter(torch.zeros(self.batch_shape))
+            self.constant = nn.Parameter(torch.zeros(self._batch_shape))
         else:
             self.register_parameter("constant", None)
-        self.train_X: Tensor | None = None
-        self.train_y: Tensor | None = None
-
-    def _check_noise(self, noise: float | Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        if dtype is None:  # keep a float64 tensor's precision; python floats get the default
-            floating = isinstance(noise, Tensor) and noise.is_floating_point()
-            dtype = noise.dtype if floating else torch.get_default_dtype()
-        try:
-            value = torch.as_tensor(noise, dtype=dtype).detach().clone()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"noise must be a positive number, got {noise!r}") from err
-        if not bool((torch.isfinite(value) & (value > 0)).all()):
-            raise ValueError(f"noise must be a finite positive variance, got {noise!r}")
-        try:
-            return value.expand(self.batch_shape).clone()
-        except RuntimeError as err:
-            raise ValueError(
-                f"noise has shape {tuple(value.shape)}, expected one broadcastable to "
-                f"batch_shape {tuple(self.batch_shape)}"
-            ) from err
+        # the data (not state: non-persistent buffers, so they follow .to() and pickling)
+        self.register_buffer("train_X", None, persistent=False)
+        self.register_buffer("train_y", None, persistent=False)
 
     @property
-    def noise(self) -> Tensor:
-        """Observation-noise variance ``softplus(raw_noise)``, shape ``batch_shape``."""
-        return F_.softplus(self.raw_noise)
+    def num_outputs(self) -> int:
+        """One output."""
+        return 1
 
-    @noise.setter
-    def noise(self, value: float | Tensor) -> None:
-        raw = _inverse_softplus(self._check_noise(value, self.raw_noise.dtype))
-        with torch.no_grad():
-            self.raw_noise.copy_(raw)
+    @property
+    def batch_shape(self) -> torch.Size:
+        """Batch shape of the parameters broadcast with that of the data set (if any)."""
+        if self.train_X is None:
+            return self._batch_shape
+        return torch.broadcast_shapes(
+            self._batch_shape, self.train_X.shape[:-2], self.train_y.shape[:-1]
+        )
 
     # -- data -----------------------------------------------------------------------------
     def set_data(self, X: Tensor, y: Tensor) -> ExactGP:
@@ -255,7 +228,7 @@ class ExactGP(nn.Module):
         ExactGP
             ``self``.
         """
-        X = _as_inputs(X, "X")
+        X = check_inputs(X)
         self.train_X, self.train_y = X, _as_targets(y, X)
         return self
 
@@ -266,13 +239,13 @@ class ExactGP(nn.Module):
             return self.train_X, self.train_y
         if X is None or y is None:
             raise ValueError("give both X and y (or neither, to use the data from set_data)")
-        X = _as_inputs(X, "X")
+        X = check_inputs(X)
         return X, _as_targets(y, X)
 
     def _prior_mean(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Constant prior mean ``mu``, shape ``batch_shape + (1,)`` (zeros if ``mean='zero'``)."""
         if self.constant is None:
-            return torch.zeros(self.batch_shape + (1,), dtype=dtype, device=device)
+            return torch.zeros(self._batch_shape + (1,), dtype=dtype, device=device)
         return self.constant.to(dtype=dtype, device=device).unsqueeze(-1)
 
     def _train_covariance(self, X: Tensor) -> Tensor:
@@ -309,9 +282,9 @@ class ExactGP(nn.Module):
         return gaussian_log_marginal_likelihood(K, r)
 
     def posterior(
-        self, Xs: Tensor, observation_noise: bool = False, joint: bool = True
+        self, X: Tensor, *, observation_noise: bool = False, joint: bool = False
     ) -> GaussianPosterior:
-        """Exact posterior of ``f`` (or ``y``) at ``Xs`` given the data from :meth:`set_data`.
+        """Exact posterior of ``f`` (or ``y``) at ``X`` given the data from :meth:`set_data`.
 
         .. math::
             \\mu_* = \\mu + K_{*X} (K + \\sigma^2 I)^{-1} (y - \\mu), \\qquad
@@ -319,50 +292,65 @@ class ExactGP(nn.Module):
 
         Parameters
         ----------
-        Xs : Tensor, shape (..., n_s, d) or (n_s,)
-            Finite test inputs.
+        X : Tensor, shape (..., n_s, d) or (n_s,)
+            Finite test inputs; the batch shape broadcasts with :attr:`batch_shape`.
         observation_noise : bool, default False
             Add the noise variance to the diagonal (predictive of ``y``, not ``f``).
-        joint : bool, default True
+        joint : bool, default False
             Return the full joint covariance ``(..., n_s, n_s)``; if False only the marginal
             variances, computed in row tiles without forming ``K_{**}`` or ``K_{*X}`` whole.
 
         Returns
         -------
         GaussianPosterior
-            ``mean`` of shape (..., n_s, 1) and either ``covariance`` (..., n_s, n_s) or
-            ``variance`` (..., n_s, 1).
+            In ``X``'s dtype, differentiable in ``X`` and the hyperparameters: ``mean`` of
+            shape (..., n_s, 1) and either ``covariance`` (..., n_s, n_s) or ``variance``
+            (..., n_s, 1).
         """
         if self.train_X is None:
-            raise RuntimeError("no data: call set_data(X, y) before posterior(Xs)")
-        X, y = self.train_X, self.train_y
-        Xs = _as_inputs(Xs, "Xs")
-        if Xs.shape[-1] != X.shape[-1]:
+            raise RuntimeError("no data: call set_data(X, y) before posterior(X)")
+        X_train = self.train_X
+        Xs = check_inputs(X)
+        if Xs.shape[-1] != X_train.shape[-1]:
             raise ValueError(
-                f"Xs has {Xs.shape[-1]} input dimensions but the training X has "
-                f"{X.shape[-1]}; they must match"
+                f"X has {Xs.shape[-1]} input dimensions but the training X has "
+                f"{X_train.shape[-1]}; they must match"
             )
-        if Xs.device != X.device:
-            raise ValueError(f"Xs is on {Xs.device} but the training X is on {X.device}")
-        dtype = torch.promote_types(X.dtype, Xs.dtype)
-        X, y, Xs = X.to(dtype), y.to(dtype), Xs.to(dtype)
-        mu = self._prior_mean(dtype, X.device)
-        L = psd_safe_cholesky(self._train_covariance(X))  # (..., n, n)
+        if Xs.device != X_train.device:
+            raise ValueError(f"X is on {Xs.device} but the training X is on {X_train.device}")
+        dtype = torch.promote_types(X_train.dtype, Xs.dtype)
+        X_train, y, Xs_c = X_train.to(dtype), self.train_y.to(dtype), Xs.to(dtype)
+        mu = self._prior_mean(dtype, X_train.device)
+        L = psd_safe_cholesky(self._train_covariance(X_train))  # (..., n, n)
         alpha = torch.cholesky_solve((y - mu).unsqueeze(-1), L)  # (..., n, 1)
-        noise = self.noise.to(dtype=dtype, device=X.device)[..., None]
-        if joint:
-            Ksx = self.kernel(Xs, X).to_dense().to(dtype)  # (..., n_s, n)
-            Kss = self.kernel(Xs).to_dense().to(dtype)  # (..., n_s, n_s)
-            mean = mu.unsqueeze(-1) + Ksx @ alpha
-            V = torch.linalg.solve_triangular(L, Ksx.mT, upper=False)  # (..., n, n_s)
-            cov = Kss - V.mT @ V
-            cov = 0.5 * (cov + cov.mT)
-            if observation_noise:
-                eye = torch.eye(Xs.shape[-2], dtype=dtype, device=X.device)
-                cov = cov + noise[..., None] * eye
-            batch = torch.broadcast_shapes(mean.shape[:-2], cov.shape[:-2])
-            mean = mean.expand(*batch, *mean.shape[-2:])
-            return GaussianPosterior(mean, covariance=cov.expand(*batch, *cov.shape[-2:]))
+        noise = self.noise.to(dtype=dtype, device=X_train.device)[..., None]
+        parts = (Xs_c, X_train, mu, L, alpha, noise, observation_noise)
+        post = self._joint_posterior(*parts) if joint else self._marginal_posterior(*parts)
+        return cast_posterior(post, Xs.dtype)
+
+    def _joint_posterior(
+        self, Xs: Tensor, X: Tensor, mu: Tensor, L: Tensor, alpha: Tensor, noise: Tensor,
+        observation_noise: bool,
+    ) -> GaussianPosterior:  # fmt: skip
+        dtype = X.dtype
+        Ksx = self.kernel(Xs, X).to_dense().to(dtype)  # (..., n_s, n)
+        Kss = self.kernel(Xs).to_dense().to(dtype)  # (..., n_s, n_s)
+        mean = mu.unsqueeze(-1) + Ksx @ alpha
+        V = torch.linalg.solve_triangular(L, Ksx.mT, upper=False)  # (..., n, n_s)
+        cov = Kss - V.mT @ V
+        cov = 0.5 * (cov + cov.mT)
+        if observation_noise:
+            eye = torch.eye(Xs.shape[-2], dtype=dtype, device=X.device)
+            cov = cov + noise[..., None] * eye
+        batch = torch.broadcast_shapes(mean.shape[:-2], cov.shape[:-2])
+        mean = mean.expand(*batch, *mean.shape[-2:])
+        return GaussianPosterior(mean, covariance=cov.expand(*batch, *cov.shape[-2:]))
+
+    def _marginal_posterior(
+        self, Xs: Tensor, X: Tensor, mu: Tensor, L: Tensor, alpha: Tensor, noise: Tensor,
+        observation_noise: bool,
+    ) -> GaussianPosterior:  # fmt: skip
+        dtype = X.dtype
         means, variances = [], []
         for _, Ksx in cross_covariance_chunks(self.kernel, Xs, X):
             Ksx = Ksx.to(dtype)

@@ -1,14 +1,27 @@
-"""Sparse variational Gaussian processes (SVGP) and sparse-within-sparse GPs (SWSGP)."""
+"""Sparse variational Gaussian processes (SVGP) and sparse-within-sparse GPs (SWSGP).
 
-from .estimators import SparseGPClassifier, SparseGPRegressor
-from .initialisation import nearest_neighbour_noise_variance, select_inducing_points
+The scikit-learn estimators (:class:`SparseGPRegressor`, :class:`SparseGPClassifier`) are
+imported on first use, so that importing the models does not load scikit-learn.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from gp.likelihoods import PoissonLikelihood, make_likelihood
+
+from .classification import ClassProbabilities
+from .initialisation import nearest_neighbour_noise_variance, select_inducing_points
 from .svgp import SVGP
 from .swsgp import SWSGP
+
+_LAZY = {"SparseGPClassifier": "gp.sparse.estimators", "SparseGPRegressor": "gp.sparse.estimators"}
 
 __all__ = [
     "SVGP",
     "SWSGP",
+    "ClassProbabilities",
     "PoissonLikelihood",
     "SparseGPClassifier",
     "SparseGPRegressor",
@@ -16,3 +29,15 @@ __all__ = [
     "nearest_neighbour_noise_variance",
     "select_inducing_points",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gp.sparse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -19,9 +19,9 @@ __all__ = ["grid_knn"]
 
 
 @njit(cache=False)
-def _grid_knn(Z, X, k, lo, cs, g, out):  # noqa: ANN001, ANN202
+def _bucket(Z, lo, cs, g):  # noqa: ANN001, ANN202
+    """Cell start offsets ``counts`` (n_cells + 1) and the rows of ``Z`` ordered by cell."""
     M = Z.shape[0]
-    n = X.shape[0]
     n_cells = g[0] * g[1] * g[2]
     cell_of = np.empty(M, dtype=np.int64)
     counts = np.zeros(n_cells + 1, dtype=np.int64)
@@ -40,7 +40,29 @@ def _grid_knn(Z, X, k, lo, cs, g, out):  # noqa: ANN001, ANN202
     for j in range(M):
         order[fill[cell_of[j]]] = j
         fill[cell_of[j]] += 1
+    return counts, order
 
+
+@njit(cache=False)
+def _write_sorted(best_d, best_i, k, out_row):  # noqa: ANN001, ANN202
+    """Insertion-sort the ``k`` candidates by distance and write their indices to ``out_row``."""
+    for a in range(1, k):
+        dv, iv = best_d[a], best_i[a]
+        b = a - 1
+        while b >= 0 and best_d[b] > dv:
+            best_d[b + 1] = best_d[b]
+            best_i[b + 1] = best_i[b]
+            b -= 1
+        best_d[b + 1] = dv
+        best_i[b + 1] = iv
+    for a in range(k):
+        out_row[a] = best_i[a]
+
+
+@njit(cache=False)
+def _grid_knn(Z, X, k, lo, cs, g, out):  # noqa: ANN001, ANN202
+    n = X.shape[0]
+    counts, order = _bucket(Z, lo, cs, g)
     best_d = np.empty(k, dtype=np.float64)
     best_i = np.empty(k, dtype=np.int64)
     cq = np.empty(3, dtype=np.int64)
@@ -96,18 +118,7 @@ def _grid_knn(Z, X, k, lo, cs, g, out):  # noqa: ANN001, ANN202
             if bound == np.inf or (count == k and best_d[0] <= bound * bound):
                 break
             r += 1
-        # insertion sort by distance
-        for a in range(1, k):
-            dv, iv = best_d[a], best_i[a]
-            b = a - 1
-            while b >= 0 and best_d[b] > dv:
-                best_d[b + 1] = best_d[b]
-                best_i[b + 1] = best_i[b]
-                b -= 1
-            best_d[b + 1] = dv
-            best_i[b + 1] = iv
-        for a in range(k):
-            out[q, a] = best_i[a]
+        _write_sorted(best_d, best_i, k, out[q])
 
 
 @njit(cache=False)

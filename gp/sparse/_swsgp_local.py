@@ -2,7 +2,7 @@
 
 For a point ``x`` with neighbour set ``a`` (``H`` inducing inputs), prior ``u_a ~ N(0, K)``
 (``K = K_aa`` with jitter) and marginal ``q(u_a) = N(m, S)``, ``S = diag(s) + W W^T``
-(ALGORITHMS §5.1, unwhitened)::
+(Tran et al. 2021, unwhitened)::
 
     mu  = E q(f(x))   = k^T K^-1 m                         = beta^T m,    beta  = K^-1 k
     v   = Var q(f(x)) = k_xx - k^T K^-1 k + beta^T S beta

@@ -1,10 +1,10 @@
 """Nearest inducing inputs of each query point: tiled brute force (any device) or a k-d tree.
 
-The selection is not differentiable (ALGORITHMS §5.4: no gradient through the choice of
-neighbours); it is recomputed from the current inducing inputs at every call. For a batch of
-independent GPs (queries ``(*batch, n, d)`` against their own inducing inputs
-``(*batch, M, d)``) the brute-force search is one batched computation; the k-d tree and the
-grid are CPU structures built per inducing set, so they loop over the batch.
+The selection is not differentiable (it is piecewise constant in the inputs: no gradient
+flows through the choice of neighbours); it is recomputed from the current inducing inputs at
+every call. For a batch of independent GPs (queries ``(*batch, n, d)`` against their own
+inducing inputs ``(*batch, M, d)``) the brute-force search is one batched computation; the
+k-d tree and the grid are CPU structures built per inducing set, so they loop over the batch.
 """
 
 from __future__ import annotations

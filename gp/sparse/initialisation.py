@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import kmeans_plusplus
-from sklearn.neighbors import NearestNeighbors
 from torch import Tensor
 
 __all__ = ["INIT_METHODS", "nearest_neighbour_noise_variance", "select_inducing_points"]
@@ -29,6 +27,8 @@ def _select_one(X: Tensor, num_inducing: int, method: str, gen: torch.Generator)
     pool = X
     if n > max(KMEANS_MAX_POINTS, num_inducing):
         pool = X[torch.randperm(n, generator=gen)[:KMEANS_MAX_POINTS].to(X.device)]
+    from sklearn.cluster import kmeans_plusplus  # scikit-learn is loaded on first use
+
     seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
     points = pool.detach().cpu().to(torch.float64).numpy()
     _, index = kmeans_plusplus(points, num_inducing, random_state=np.random.RandomState(seed))
@@ -101,6 +101,8 @@ def nearest_neighbour_noise_variance(X: Tensor, y: Tensor, seed: int = 0) -> Ten
     Tensor, shape (...)
         One estimate per batch element, in the dtype and on the device of ``y``.
     """
+    from sklearn.neighbors import NearestNeighbors  # scikit-learn is loaded on first use
+
     n, d = X.shape[-2:]
     if n < 2:
         raise ValueError(f"the noise estimate needs at least 2 points, got n = {n}")

@@ -4,32 +4,37 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from gpytorch.distributions import MultivariateNormal
-from gpytorch.kernels import Kernel, RBFKernel, ScaleKernel
+from gpytorch.kernels import Kernel
 from gpytorch.likelihoods.likelihood import Likelihood
 from gpytorch.means import ConstantMean, ZeroMean
-from gpytorch.models import ApproximateGP
 from gpytorch.optim import NGD
-from gpytorch.settings import num_likelihood_samples
 from gpytorch.variational import (
     CholeskyVariationalDistribution,
-    IndependentMultitaskVariationalStrategy,
     NaturalVariationalDistribution,
     VariationalStrategy,
 )
-from gpytorch.variational._variational_distribution import _VariationalDistribution
-from linear_operator.operators import CholLinearOperator, DiagLinearOperator
+from linear_operator.operators import DiagLinearOperator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from bdl.core.linalg import psd_safe_cholesky
-from bdl.core.validation import check_int, check_positive
+from bdl.core.model import Model, cast_posterior
 from bdl.core.posterior import GaussianPosterior
-from gp.sparse._whitened import whitened_marginal_updates
-from gp.sparse.initialisation import nearest_neighbour_noise_variance, select_inducing_points
+from bdl.core.validation import check_choice, check_inputs, check_int, check_positive
 from gp.likelihoods import likelihood_kind, make_likelihood
+from gp.sparse._fit import fit_minibatches, seeded_global_rng, unpack_data
+from gp.sparse._svgp_moments import WhitenedMoments
+from gp.sparse._svgp_parts import (
+    VariationalGP,
+    check_inducing,
+    check_svgp_inputs,
+    check_svgp_targets,
+    default_kernel,
+    initialise_from_data,
+)
+from gp.sparse.initialisation import select_inducing_points
 
 __all__ = ["SVGP"]
 
@@ -39,34 +44,7 @@ PREDICT_CHUNK = 8192
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-class _VariationalGP(ApproximateGP):
-    """The gpytorch model: prior mean and kernel, whitened strategy over ``q(u)``."""
-
-    def __init__(
-        self,
-        inducing_points: Tensor,
-        mean_module: nn.Module,
-        covar_module: Kernel,
-        variational_distribution: _VariationalDistribution,
-        learn_inducing: bool,
-        jitter: float | None,
-        num_classes: int | None,
-    ) -> None:
-        strategy = VariationalStrategy(
-            self, inducing_points, variational_distribution,
-            learn_inducing_locations=learn_inducing, jitter_val=jitter,
-        )  # fmt: skip
-        if num_classes is not None:  # one latent GP per class, stacked on the last dim
-            strategy = IndependentMultitaskVariationalStrategy(strategy, num_classes, task_dim=-1)
-        super().__init__(strategy)
-        self.mean_module = mean_module
-        self.covar_module = covar_module
-
-    def forward(self, x: Tensor) -> MultivariateNormal:
-        return MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
-class SVGP(nn.Module):
+class SVGP(WhitenedMoments, nn.Module, Model):
     """Sparse variational GP with a whitened Gaussian ``q(u)`` over ``M`` inducing values.
 
     Model: ``f ~ GP(mu, k)``, ``u = f(Z)``, ``y_i | f_i ~ p(y_i | f_i)``; the approximation is
@@ -83,13 +61,13 @@ class SVGP(nn.Module):
     ``model.gp(X)`` is a regular gpytorch model. The training objective is computed from the
     same parameters without gpytorch's lazy-tensor layer: the marginals of ``q(f)`` by a fused
     function with an analytic backward pass (:mod:`gp.sparse._whitened`), a closed-form KL and
-    closed-form expected log-likelihoods where they exist (Gaussian, Poisson); it equals gpytorch's
-    ``VariationalELBO`` times ``num_data`` (tested).
+    closed-form expected log-likelihoods where they exist (Gaussian, Poisson); :meth:`elbo`
+    equals gpytorch's ``VariationalELBO`` (tested).
 
     Usage::
 
         model = SVGP.from_data(X, y, num_inducing=256)       # k-means++ Z, data-scaled init
-        model.fit(X, y, epochs=2, batch_size=1024)            # NGD for q(u), Adam for the rest
+        model.fit((X, y), epochs=2, batch_size=1024)          # NGD for q(u), Adam for the rest
         post = model.posterior(X_test)                         # GaussianPosterior (n, 1)
 
     Parameters
@@ -101,7 +79,8 @@ class SVGP(nn.Module):
         Initial inducing inputs ``Z`` (copied); see :func:`select_inducing_points`. The whole
         module (kernel and likelihood included) is moved to their dtype and device.
     likelihood : {"gaussian", "bernoulli", "poisson", "softmax"} or gpytorch Likelihood
-        Observation model (:func:`gp.likelihoods.make_likelihood`). Bernoulli uses the
+        Observation model (:func:`gp.likelihoods.make_likelihood`; the Gaussian noise variance
+        is bounded below by :data:`gp.likelihoods.NOISE_LOWER_BOUND`). Bernoulli uses the
         probit link and labels in {0, 1}; Poisson a log link; softmax one latent GP per class.
     num_classes : int, optional
         Number of classes for ``"softmax"``.
@@ -124,7 +103,8 @@ class SVGP(nn.Module):
 
     Notes
     -----
-    Computations run in the parameters' dtype (cast with ``.double()`` for float64); the
+    Computations run in the parameters' dtype (cast with ``.double()`` for float64); inputs
+    of another dtype are cast to it and the posterior is returned in the inputs' dtype. The
     Cholesky factor of ``K_ZZ`` is always computed in float64, as gpytorch does.
     """
 
@@ -145,27 +125,26 @@ class SVGP(nn.Module):
         super().__init__()
         if not isinstance(kernel, Kernel):
             raise TypeError(f"kernel must be a gpytorch Kernel, got {type(kernel).__name__}")
-        if mean not in _MEANS:
-            raise ValueError(f"mean must be one of {_MEANS}, got {mean!r}")
+        check_choice("mean", mean, _MEANS)
         if jitter is not None:
             check_positive("jitter", jitter, allow_zero=True)
-        self.batch_shape = torch.Size(batch_shape)
-        self.likelihood = make_likelihood(likelihood, num_classes, self.batch_shape)
+        self._batch_shape = torch.Size(batch_shape)
+        self.likelihood = make_likelihood(likelihood, num_classes, self._batch_shape)
         self.kind = likelihood_kind(self.likelihood)
         if self.kind == "softmax":
             num_classes = self.likelihood.num_classes
         self.num_classes = num_classes
-        Z = self._check_inducing(inducing_points)
-        latent = self.batch_shape + ((num_classes,) if num_classes is not None else ())
+        Z = check_inducing(inducing_points, self._batch_shape)
+        latent = self._batch_shape + ((num_classes,) if num_classes is not None else ())
         if num_classes is not None:  # separate inducing inputs per class
-            Z = Z.unsqueeze(-3).expand(*self.batch_shape, num_classes, *Z.shape[-2:])
+            Z = Z.unsqueeze(-3).expand(*self._batch_shape, num_classes, *Z.shape[-2:])
         self.natural_gradients = bool(natural_gradients)
         dist_cls = (
             NaturalVariationalDistribution if natural_gradients else CholeskyVariationalDistribution
         )
         dist = dist_cls(Z.shape[-2], batch_shape=latent)
         mean_module = ConstantMean(batch_shape=latent) if mean == "constant" else ZeroMean()
-        self.gp = _VariationalGP(
+        self.gp = VariationalGP(
             Z.contiguous(), mean_module, kernel, dist, bool(learn_inducing), jitter, num_classes
         )
         # q(v) starts at the prior N(0, I); mark it initialised so that gpytorch never
@@ -178,26 +157,15 @@ class SVGP(nn.Module):
             self.noise = noise
 
     # -- structure ------------------------------------------------------------------------
-    def _check_inducing(self, Z: object) -> Tensor:
-        if not isinstance(Z, Tensor):
-            raise TypeError(f"inducing_points must be a tensor, got {type(Z).__name__}")
-        if Z.dim() == 1:
-            Z = Z.unsqueeze(-1)
-        if Z.dim() < 2 or Z.shape[-2] == 0 or Z.shape[-1] == 0 or not Z.is_floating_point():
-            raise ValueError(
-                f"inducing_points must be a non-empty floating tensor of shape (M, d) or "
-                f"(*batch_shape, M, d), got shape {tuple(Z.shape)} and dtype {Z.dtype}"
-            )
-        if not bool(torch.isfinite(Z).all()):
-            raise ValueError("inducing_points contains NaN or inf")
-        try:
-            Z = Z.expand(*self.batch_shape, *Z.shape[-2:])
-        except RuntimeError as err:
-            raise ValueError(
-                f"inducing_points has shape {tuple(Z.shape)}, not broadcastable to "
-                f"batch_shape {tuple(self.batch_shape)} + (M, d)"
-            ) from err
-        return Z.detach().clone()
+    @property
+    def batch_shape(self) -> torch.Size:
+        """Shape of the batch of independent GPs."""
+        return self._batch_shape
+
+    @property
+    def num_outputs(self) -> int:
+        """1, or the number of classes (one latent GP each) for the softmax likelihood."""
+        return 1 if self.num_classes is None else int(self.num_classes)
 
     @property
     def _strategy(self) -> VariationalStrategy:
@@ -235,8 +203,12 @@ class SVGP(nn.Module):
         if self.kind != "gaussian":
             raise ValueError(f"noise is only used with a Gaussian likelihood, not {self.kind}")
         value = torch.as_tensor(value, dtype=self.likelihood.raw_noise.dtype)
-        if not bool((torch.isfinite(value) & (value > 1e-4)).all()):
-            raise ValueError(f"noise must be a finite variance > 1e-4, got {value}")
+        bound = float(self.likelihood.noise_covar.raw_noise_constraint.lower_bound)
+        if not bool((torch.isfinite(value) & (value > bound)).all()):
+            raise ValueError(
+                f"noise must be a finite variance above the likelihood's lower bound {bound:g}, "
+                f"got {value}"
+            )
         self.likelihood.noise = value.expand_as(self.likelihood.raw_noise)
 
     def variational_parameters(self) -> list[nn.Parameter]:
@@ -251,101 +223,13 @@ class SVGP(nn.Module):
     # -- validation -----------------------------------------------------------------------
     def _inputs(self, X: object, name: str = "X") -> Tensor:
         """Validated inputs, shape (..., n, d), in the parameters' dtype and device."""
-        if not isinstance(X, Tensor):
-            raise TypeError(f"{name} must be a tensor of shape (..., n, d), got {type(X).__name__}")
-        Z = self.inducing_points
-        if X.dim() == 1 and Z.shape[-1] == 1:
-            X = X.unsqueeze(-1)
-        if X.dim() < 2 or X.shape[-1] != Z.shape[-1] or X.shape[-2] == 0:
-            raise ValueError(
-                f"{name} must have shape (..., n, d) with n >= 1 and d = {Z.shape[-1]} (the "
-                f"inducing points' dimension), got {tuple(X.shape)}"
-            )
-        try:
-            torch.broadcast_shapes(X.shape[:-2], self.batch_shape)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{name} has batch shape {tuple(X.shape[:-2])}, not broadcastable to the "
-                f"model's batch_shape {tuple(self.batch_shape)}"
-            ) from err
-        if not (X.is_floating_point() or X.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-        X = X.to(dtype=Z.dtype, device=Z.device)
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError(f"{name} contains NaN or inf; inputs must be finite")
-        return X
+        return check_svgp_inputs(X, self.inducing_points, self._batch_shape, name)
 
     def _targets(self, y: object, X: Tensor) -> Tensor:
         """Validated targets, shape (..., n), checked against the likelihood."""
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a tensor of shape (..., n), got {type(y).__name__}")
-        if y.shape == X.shape[:-1] + (1,):
-            y = y.squeeze(-1)
-        if y.shape[-1:] != X.shape[-2:-1]:
-            raise ValueError(
-                f"y has shape {tuple(y.shape)} but X has shape {tuple(X.shape)}; expected one "
-                "target per row of X"
-            )
-        try:
-            torch.broadcast_shapes(y.shape[:-1], X.shape[:-2], self.batch_shape)
-        except RuntimeError as err:
-            raise ValueError(
-                f"y has batch shape {tuple(y.shape[:-1])}, not broadcastable to that of X "
-                f"{tuple(X.shape[:-2])} and the model's {tuple(self.batch_shape)}"
-            ) from err
-        if y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(f"y must hold real numbers, got dtype {y.dtype}")
-        y = y.to(dtype=X.dtype, device=X.device)
-        if not bool(torch.isfinite(y).all()):
-            raise ValueError("y contains NaN or inf; targets must be finite")
-        if self.kind == "bernoulli" and not bool(((y == 0) | (y == 1)).all()):
-            raise ValueError("y must hold labels 0 and 1 for the Bernoulli likelihood")
-        if self.kind == "poisson" and not bool(((y >= 0) & (y == y.round())).all()):
-            raise ValueError("y must hold non-negative integer counts for the Poisson likelihood")
-        if self.kind == "softmax":
-            ok = (y >= 0) & (y < self.num_classes) & (y == y.round())
-            if not bool(ok.all()):
-                raise ValueError(f"y must hold class labels 0, ..., {self.num_classes - 1}")
-        return y
+        return check_svgp_targets(y, X, self.kind, self.num_classes, self._batch_shape)
 
-    # -- q(u) and q(f) --------------------------------------------------------------------
-    def _q_moments(self) -> tuple[Tensor, Tensor]:
-        """Whitened ``q(v) = N(m, S)``: ``m`` (*latent, M) and a root ``R`` (*latent, M, M)
-        with ``S = R R^T`` (gradients reach natural parameters as natural gradients)."""
-        q = self._strategy._variational_distribution()
-        cov = q.lazy_covariance_matrix
-        if isinstance(cov, CholLinearOperator):
-            root = cov.root.to_dense()
-        else:
-            root = psd_safe_cholesky(cov.to_dense())
-        return q.mean, root
-
-    def _whitening_factor(self, Z: Tensor) -> Tensor:
-        """Cholesky ``L`` of ``K_ZZ + jitter I``, shape (*, M, M), computed and returned in
-        float64 (as gpytorch's ``VariationalStrategy`` does, for float32 robustness)."""
-        Kzz = self.kernel(Z).to_dense().to(torch.float64)
-        eye = torch.eye(Z.shape[-2], dtype=torch.float64, device=Z.device)
-        return psd_safe_cholesky(Kzz + self.jitter * eye)
-
-    def _latent_inputs(self, X: Tensor) -> Tensor:
-        return X.unsqueeze(-3) if self.num_classes is not None else X
-
-    def _marginals(
-        self, X: Tensor, moments: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Mean and variance of ``q(f)`` at ``X``, each (..., n) or (..., C, n) for softmax;
-        ``moments`` are those of :meth:`_q_moments` when already computed."""
-        Z = self.inducing_points
-        Xl = self._latent_inputs(X)
-        Kzz = self.kernel(Z).to_dense()
-        Kzx = self.kernel(Z, Xl).to_dense()
-        m, R = self._q_moments() if moments is None else moments
-        middle = R @ R.mT - torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)  # S - I
-        mean_update, var_update = whitened_marginal_updates(Kzz, Kzx, middle, m, self.jitter)
-        kxx = self.kernel(Xl, diag=True)
-        mean = self.gp.mean_module(Xl) + mean_update
-        return mean, kxx + self.jitter + var_update
-
+    # -- q(f) and objective --------------------------------------------------------------
     def _chunked_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_marginals` in row chunks of :data:`PREDICT_CHUNK` points (bounded memory
         for large prediction sets)."""
@@ -355,61 +239,23 @@ class SVGP(nn.Module):
         parts = [self._marginals(x, moments) for x in X.split(PREDICT_CHUNK, dim=-2)]
         return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
 
-    def _joint(self, X: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean (..., n) and joint covariance (..., n, n) of ``q(f)`` (leading C for softmax)."""
-        Z = self.inducing_points
-        Xl = self._latent_inputs(X)
-        L = self._whitening_factor(Z).to(X.dtype)
-        A = torch.linalg.solve_triangular(L, self.kernel(Z, Xl).to_dense(), upper=False)
-        m, R = self._q_moments()
-        B = R.mT @ A
-        Kxx = self.kernel(Xl).to_dense()
-        eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
-        cov = Kxx + self.jitter * eye - A.mT @ A + B.mT @ B  # K_xx + A^T (S - I) A
-        mean = self.gp.mean_module(Xl) + (A.mT @ m.unsqueeze(-1)).squeeze(-1)
-        return mean, 0.5 * (cov + cov.mT)
-
-    # -- objective ------------------------------------------------------------------------
-    def kl_divergence(self, moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``KL(q(u) || p(u)) = KL(N(m, S) || N(0, I))`` (whitened), shape ``batch_shape``.
-
-        .. math:: \\tfrac12\\big(\\operatorname{tr} S + m^\\top m - M - \\log|S|\\big)
-
-        ``moments``: ``(m, R)`` with ``S = R R^T`` if already computed (internal).
-        """
-        m, R = self._q_moments() if moments is None else moments
-        log_det = 2.0 * R.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
-        kl = 0.5 * (R.square().sum((-2, -1)) + m.square().sum(-1) - m.shape[-1] - log_det)
-        return kl.sum(-1) if self.num_classes is not None else kl
-
-    def _expected_log_lik(self, y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """``E_q(f_i)[log p(y_i | f_i)]``, shape (..., n)."""
-        if self.kind == "gaussian":  # closed form
-            noise = self.likelihood.noise
-            return -0.5 * (_LOG_2PI + noise.log() + ((y - mean).square() + var) / noise)
-        if self.kind == "softmax":  # Monte Carlo over the C latent GPs (gpytorch's estimator)
-            mean, std = mean.mT, var.clamp_min(0).sqrt().mT  # (..., n, C)
-            num = int(num_likelihood_samples.value())
-            eps = torch.randn((num, *mean.shape), dtype=mean.dtype, device=mean.device)
-            logits = mean + std * eps
-            return self.likelihood.forward(logits).log_prob(y.long()).mean(0)
-        dist = MultivariateNormal(mean, DiagLinearOperator(var))
-        return self.likelihood.expected_log_prob(y, dist)
-
     def _elbo(self, X: Tensor, y: Tensor, num_data: int) -> Tensor:
+        """Per-datum ELBO of validated data (see :meth:`elbo`)."""
         moments = self._q_moments()  # once per evaluation (NGD: several O(M^3) steps)
         mean, var = self._marginals(X, moments)
         ell = self._expected_log_lik(y, mean, var)
-        return ell.sum(-1) * (num_data / X.shape[-2]) - self.kl_divergence(moments)
+        total = ell.sum(-1) * (num_data / X.shape[-2]) - self.kl_divergence(moments)
+        return total / num_data
 
     def elbo(self, X: Tensor, y: Tensor, num_data: int | None = None) -> Tensor:
-        """Evidence lower bound, summed over the data set (unbiased from a minibatch).
+        """Evidence lower bound divided by ``N`` (a per-datum mean), unbiased from a minibatch.
 
-        .. math:: \\mathcal L = \\frac{N}{n} \\sum_{i=1}^{n} \\mathbb E_{q(f_i)}[\\log p(y_i|f_i)]
-            - \\mathrm{KL}(q(u) \\,\\|\\, p(u))
+        .. math:: \\frac{\\mathcal L}{N} = \\frac{1}{n} \\sum_{i=1}^{n}
+            \\mathbb E_{q(f_i)}[\\log p(y_i|f_i)] - \\frac{1}{N}\\,\\mathrm{KL}(q(u) \\,\\|\\, p(u))
 
-        for a minibatch of ``n`` of the ``N = num_data`` points. gpytorch's
-        ``VariationalELBO(likelihood, model.gp, num_data)`` returns this divided by ``N``.
+        for a minibatch of ``n`` of the ``N = num_data`` points; ``N`` times it is the ELBO
+        of the whole data set (a lower bound on the log marginal likelihood). It equals
+        gpytorch's ``VariationalELBO(likelihood, model.gp, num_data)``.
 
         Parameters
         ----------
@@ -430,62 +276,8 @@ class SVGP(nn.Module):
         return self._elbo(X, y, num_data)
 
     # -- training -------------------------------------------------------------------------
-    def fit(
-        self,
-        X: Tensor,
-        y: Tensor,
-        *,
-        epochs: int = 2,
-        batch_size: int = 1024,
-        lr: float = 0.03,
-        ngd_lr: float = 0.1,
-        seed: int = 0,
-        progress: bool = True,
-    ) -> list[float]:
-        """Maximise the ELBO by minibatch stochastic optimisation.
-
-        Each step draws ``batch_size`` points (a fresh random permutation per epoch) and
-        minimises ``-elbo / N``. With ``natural_gradients`` the natural parameters of ``q(v)``
-        take a natural-gradient step (``gpytorch.optim.NGD``; with a Gaussian likelihood and
-        the full data, ``ngd_lr = 1`` jumps to the optimal ``q(v)`` in one step) and the
-        hyperparameters and inducing inputs an Adam step; otherwise Adam updates everything.
-        Every call starts with fresh optimiser state; parameters with ``requires_grad=False``
-        stay fixed.
-
-        Parameters
-        ----------
-        X : Tensor, shape (..., N, d)
-        y : Tensor, shape (..., N)
-            Training data (the batch dims index independent GPs).
-        epochs : int, default 2
-        batch_size : int, default 1024
-            Clamped to ``N``.
-        lr : float, default 0.03
-            Adam learning rate.
-        ngd_lr : float, default 0.1
-            Natural-gradient step size, in (0, 1].
-        seed : int, default 0
-            Seed of the minibatch order (and of the Monte Carlo draws of the softmax
-            likelihood); the global random state is untouched.
-        progress : bool, default True
-            Show a tqdm progress bar with the current loss.
-
-        Returns
-        -------
-        list of float
-            ``-elbo / N`` per step (summed over a batch of GPs).
-        """
-        X = self._inputs(X)
-        y = self._targets(y, X)
-        check_int("epochs", epochs, minimum=0)
-        check_int("batch_size", batch_size)
-        lr = check_positive("lr", lr)
-        ngd_lr = check_positive("ngd_lr", ngd_lr)
-        if ngd_lr > 1:
-            raise ValueError(f"ngd_lr must lie in (0, 1], got {ngd_lr}")
-        n = X.shape[-2]
-        y = y.expand(*y.shape[:-1], n)
-        batch_size = min(batch_size, n)
+    def _optimizers(self, n: int, lr: float, ngd_lr: float) -> list[torch.optim.Optimizer]:
+        """NGD on the natural parameters of ``q(v)`` (if any), Adam on everything else."""
         optimizers: list[torch.optim.Optimizer] = []
         hyper = self.hyperparameters()
         if self.natural_gradients:
@@ -494,54 +286,90 @@ class SVGP(nn.Module):
             hyper = self.variational_parameters() + hyper
         if hyper:
             optimizers.append(torch.optim.Adam(hyper, lr=lr))
-        gen = torch.Generator().manual_seed(seed)
-        steps_per_epoch = math.ceil(n / batch_size)
-        history: list[float] = []
-        was_training = self.training
-        self.train()
-        try:
-            with torch.random.fork_rng(devices=[]), tqdm(
-                total=epochs * steps_per_epoch, desc="svgp", disable=not progress, leave=False
-            ) as bar:  # fmt: skip
-                torch.manual_seed(seed)
-                for _ in range(epochs):
-                    order = torch.randperm(n, generator=gen).to(X.device)
-                    for start in range(0, n, batch_size):
-                        idx = order[start : start + batch_size]
-                        for opt in optimizers:
-                            opt.zero_grad(set_to_none=True)
-                        loss = -self._elbo(X[..., idx, :], y[..., idx], n).sum() / n
-                        if not bool(torch.isfinite(loss)):
-                            raise RuntimeError(
-                                f"the ELBO became {-float(loss)} at step {len(history)}; lower "
-                                "lr / ngd_lr or check the data scale"
-                            )
-                        loss.backward()
-                        for opt in optimizers:
-                            opt.step()
-                        history.append(float(loss.detach()))
-                        bar.update(1)
-                        if len(history) % 10 == 1:
-                            bar.set_postfix(loss=f"{history[-1]:.4g}")
-        finally:
-            self.train(was_training)
-        return history
+        return optimizers
+
+    def fit(
+        self,
+        data: tuple[Tensor, Tensor],
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        verbose: bool = False,
+        ngd_lr: float = 0.1,
+    ) -> SVGP:
+        """Maximise the ELBO by minibatch stochastic optimisation.
+
+        Each step draws ``batch_size`` points (a fresh random permutation per epoch) and
+        minimises ``-elbo`` (the per-datum ELBO). With ``natural_gradients`` the natural
+        parameters of ``q(v)`` take a natural-gradient step (``gpytorch.optim.NGD``; with a
+        Gaussian likelihood and the full data, ``ngd_lr = 1`` jumps to the optimal ``q(v)``
+        in one step) and the hyperparameters and inducing inputs an Adam step; otherwise
+        Adam updates everything. Training runs through :func:`bdl.core.training.train`.
+        Every call starts with fresh optimiser state; parameters with
+        ``requires_grad=False`` stay fixed.
+
+        Parameters
+        ----------
+        data : tuple (X, y)
+            ``X`` of shape (..., N, d) and ``y`` of shape (..., N) (the batch dims index
+            independent GPs).
+        epochs : int, default 2
+        lr : float, default 0.03
+            Adam learning rate.
+        batch_size : int, default 1024
+            Clamped to ``N``.
+        seed : int, optional
+            Seed of the minibatch order and of the Monte Carlo draws of the softmax
+            likelihood (the global random state is then untouched); None draws fresh ones.
+        verbose : bool, default False
+            Show a tqdm progress bar with the loss.
+        ngd_lr : float, default 0.1
+            Natural-gradient step size, in (0, 1].
+
+        Returns
+        -------
+        SVGP
+            ``self``, with ``history_`` (``-elbo`` per epoch, mean over its steps, summed over
+            a batch of GPs) and ``step_losses_`` (``-elbo`` of every step).
+        """
+        X, y = unpack_data(data)
+        X = self._inputs(X)
+        y = self._targets(y, X)
+        epochs = check_int("epochs", 2 if epochs is None else epochs, minimum=0)
+        batch_size = check_int("batch_size", 1024 if batch_size is None else batch_size)
+        lr = check_positive("lr", 0.03 if lr is None else lr)
+        ngd_lr = check_positive("ngd_lr", ngd_lr)
+        if ngd_lr > 1:
+            raise ValueError(f"ngd_lr must lie in (0, 1], got {ngd_lr}")
+        n = X.shape[-2]
+        y = y.expand(*y.shape[:-1], n)
+        optimizers = self._optimizers(n, lr, ngd_lr)
+        with seeded_global_rng(seed, X.device):
+            self.history_, self.step_losses_ = fit_minibatches(
+                self, lambda xb, yb: -self._elbo(xb, yb, n).sum(), optimizers, X, y,
+                epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose, desc="svgp",
+            )  # fmt: skip
+        return self
 
     # -- prediction -----------------------------------------------------------------------
     def posterior(
-        self, X: Tensor, joint: bool = False, observation_noise: bool = False
+        self, X: Tensor, *, observation_noise: bool = False, joint: bool = False
     ) -> GaussianPosterior:
         """Approximate posterior ``q(f)`` of the latent function(s) at ``X``.
 
         Parameters
         ----------
         X : Tensor, shape (..., n, d)
+            Leading dims broadcast with ``batch_shape``. Computed in the model's dtype; the
+            posterior is returned in ``X``'s dtype and is differentiable in ``X``.
+        observation_noise : bool, default False
+            Add the Gaussian noise variance (predictive of ``y``); Gaussian likelihood only.
         joint : bool, default False
             Full joint covariance over the ``n`` points (O(n^2 M) time) instead of marginal
             variances (O(n M^2), no n x n matrix, computed in chunks of
             :data:`PREDICT_CHUNK` points).
-        observation_noise : bool, default False
-            Add the Gaussian noise variance (predictive of ``y``); Gaussian likelihood only.
 
         Returns
         -------
@@ -550,33 +378,23 @@ class SVGP(nn.Module):
             GP) with ``variance`` of the same shape, or ``covariance`` (..., n, n)
             (``(..., n C, n C)`` interleaved, block-diagonal across classes) when ``joint``.
         """
-        X = self._inputs(X)
+        dtype = X.dtype if isinstance(X, Tensor) else None
+        X = self._inputs(X)  # in the model's dtype
         if observation_noise and self.kind != "gaussian":
             raise ValueError("observation_noise=True needs a Gaussian likelihood")
         if joint:
-            mean, cov = self._joint(X)
-            if observation_noise:
-                eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
-                cov = cov + self.likelihood.noise.unsqueeze(-1) * eye
-            if self.num_classes is not None:
-                mean, cov = mean.mT, _interleave_blocks(cov)
-                batch = torch.broadcast_shapes(mean.shape[:-2], cov.shape[:-2])
-                return GaussianPosterior(
-                    mean.expand(*batch, *mean.shape[-2:]),
-                    covariance=cov.expand(*batch, *cov.shape[-2:]),
-                )
-            batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
-            mean = mean.expand(*batch, mean.shape[-1]).unsqueeze(-1)
-            return GaussianPosterior(mean, covariance=cov.expand(*batch, *cov.shape[-2:]))
-        mean, var = self._chunked_marginals(X)
-        if observation_noise:
-            var = var + self.likelihood.noise
-        if self.num_classes is not None:
-            mean, var = mean.mT, var.mT
+            post = self._joint_posterior(X, observation_noise)
         else:
-            mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
-        batch = torch.broadcast_shapes(mean.shape, var.shape)
-        return GaussianPosterior(mean.expand(batch), variance=var.expand(batch).clamp_min(0))
+            mean, var = self._chunked_marginals(X)
+            if observation_noise:
+                var = var + self.likelihood.noise
+            if self.num_classes is not None:
+                mean, var = mean.mT, var.mT
+            else:
+                mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
+            batch = torch.broadcast_shapes(mean.shape, var.shape)
+            post = GaussianPosterior(mean.expand(batch), variance=var.expand(batch).clamp_min(0))
+        return cast_posterior(post, dtype)
 
     def predict_mean(self, X: Tensor) -> Tensor:
         """Predictive mean of ``y`` at ``X``, shape (..., n): the latent mean (Gaussian),
@@ -630,7 +448,7 @@ class SVGP(nn.Module):
         init: str = "kmeans++",
         noise_fraction: float | None = None,
         seed: int = 0,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> SVGP:
         """An SVGP initialised from the training data.
 
@@ -669,14 +487,7 @@ class SVGP(nn.Module):
         SVGP
             In the dtype of ``X``.
         """
-        if not isinstance(X, Tensor) or not X.is_floating_point():
-            raise TypeError("X must be a floating tensor of shape (..., N, d)")
-        if X.dim() == 1:
-            X = X.unsqueeze(-1)
-        if X.dim() < 2 or X.shape[-2] == 0:
-            raise ValueError(f"X must have shape (..., N, d) with N >= 1, got {tuple(X.shape)}")
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError("X contains NaN or inf; inputs must be finite")
+        X = check_inputs(X)
         if noise_fraction is not None:
             noise_fraction = check_positive("noise_fraction", noise_fraction)
         if noise_fraction is not None and noise_fraction > 1:
@@ -686,61 +497,16 @@ class SVGP(nn.Module):
         given = kernel is not None
         if kernel is None:
             latent = batch + ((num_classes,) if likelihood == "softmax" else ())
-            kernel = ScaleKernel(
-                RBFKernel(ard_num_dims=X.shape[-1], batch_shape=latent), batch_shape=latent
-            )
+            kernel = default_kernel(X.shape[-1], latent)
         model = cls(kernel, Z, likelihood, num_classes=num_classes, batch_shape=batch, **kwargs).to(
             dtype=X.dtype, device=X.device
         )
         y = model._targets(y, model._inputs(X))
-        model._initialise(X, y, default_kernel=not given, noise_fraction=noise_fraction)
+        initialise_from_data(model, X, y, default_kernel=not given, noise_fraction=noise_fraction)
         return model
-
-    @torch.no_grad()
-    def _initialise(
-        self, X: Tensor, y: Tensor, default_kernel: bool, noise_fraction: float | None
-    ) -> None:
-        """Data-scaled initial values (see :meth:`from_data`)."""
-        y_var = y.var(-1).clamp_min(1e-6) if y.shape[-1] > 1 else torch.ones_like(y[..., 0])
-        if default_kernel:
-            scale = X.std(-2).clamp_min(1e-6) if X.shape[-2] > 1 else torch.ones_like(X[..., 0, :])
-            scale = scale.unsqueeze(-2)  # (*batch, 1, d)
-            if self.num_classes is not None:
-                scale = scale.unsqueeze(-3)
-            base = self.kernel.base_kernel
-            base.lengthscale = scale.expand_as(base.lengthscale)
-            out = y_var if self.kind == "gaussian" else torch.ones_like(y_var)
-            self.kernel.outputscale = out.expand_as(self.kernel.outputscale)
-        mean_module = self.gp.mean_module
-        if isinstance(mean_module, ConstantMean):
-            if self.kind == "gaussian":
-                c = y.mean(-1)
-            elif self.kind == "poisson":
-                c = y.mean(-1).clamp_min(1e-3).log()
-            else:
-                c = torch.zeros_like(y[..., 0])
-            mean_module.constant.copy_(c.expand_as(mean_module.constant))
-        if self.kind == "gaussian":
-            if noise_fraction is not None:
-                noise = noise_fraction * y_var
-            elif X.shape[-2] > 1:
-                estimate = nearest_neighbour_noise_variance(X, y)
-                noise = torch.minimum(torch.maximum(estimate, 1e-3 * y_var), 0.5 * y_var)
-            else:
-                noise = 0.1 * y_var
-            noise = noise.clamp_min(2e-4)
-            self.noise = noise.unsqueeze(-1).expand_as(self.likelihood.raw_noise)
 
     def extra_repr(self) -> str:
         return (
             f"likelihood={self.kind!r}, num_inducing={self.num_inducing}, "
             f"batch_shape={tuple(self.batch_shape)}, natural_gradients={self.natural_gradients}"
         )
-
-
-def _interleave_blocks(cov: Tensor) -> Tensor:
-    """Block-diagonal joint covariance of C independent GPs, (..., C, n, n) -> (..., nC, nC)
-    in interleaved order (row ``i * C + j`` is point ``i``, class ``j``)."""
-    C, n = cov.shape[-3], cov.shape[-1]
-    blocks = torch.diag_embed(cov.movedim(-3, -1))  # (..., n, n, C, C)
-    return blocks.transpose(-3, -2).reshape(*cov.shape[:-3], n * C, n * C)

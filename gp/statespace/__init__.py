@@ -4,12 +4,23 @@ A stationary kernel with a rational spectrum is an LTI SDE (:mod:`.kernels`, :mo
 discretised exactly on the data's time grid (:mod:`.discretise`, :mod:`.grid`), GP regression
 becomes Kalman filtering and RTS smoothing at O(n) cost, sequentially (:mod:`.kalman`) or by
 parallel-in-time scans (:mod:`.parallel`), for one series or a batch; joint posterior
-draws come from forward-filtering backward-sampling (:mod:`.ffbs`). The user-facing
-model is :class:`StateSpaceGP`. Non-Gaussian likelihoods (:mod:`.likelihoods`: Bernoulli,
-Poisson) use conjugate-computation variational inference on Gaussian sites (:mod:`.cvi`).
+draws come from forward-filtering backward-sampling (:mod:`.ffbs`, packaged by
+:mod:`.smoothing`). The user-facing model is :class:`StateSpaceGP` (a
+:class:`bdl.core.Model`); :class:`StateSpaceGPRegressor` (in :mod:`.estimators`) wraps it as
+a scikit-learn estimator. Non-Gaussian likelihoods (the classes of :mod:`gp.likelihoods`:
+Bernoulli, Poisson) use conjugate-computation variational inference on Gaussian sites
+(:mod:`.cvi`, expectations in :mod:`.likelihoods`).
 """
 
-from .cvi import CVIConfig, CVIResult, CVISites, cvi_elbo, cvi_posterior, run_cvi
+from .cvi import (
+    CVIConfig,
+    CVIResult,
+    CVISites,
+    cvi_elbo,
+    cvi_posterior,
+    cvi_pseudo_data,
+    run_cvi,
+)
 from .discretise import discretise
 from .ffbs import StateSpacePosterior, backward_sample, psd_factor
 from .grid import TimeGrid, make_grid
@@ -31,6 +42,7 @@ from .parallel import (
 )
 from .periodic import cosine_sde, periodic_sde, periodic_series, product_sde
 from .sde import LTISDE, stack_sdes
+from .smoothing import filter_grid, noise_on_grid, smoothing_posterior
 
 __all__ = [
     "LTISDE",
@@ -48,14 +60,17 @@ __all__ = [
     "cosine_sde",
     "cvi_elbo",
     "cvi_posterior",
+    "cvi_pseudo_data",
     "discretise",
     "expected_log_lik",
     "expected_log_lik_grads",
+    "filter_grid",
     "kalman_filter",
     "constant_sde",
     "kernel_to_sde",
     "make_grid",
     "matern_sde",
+    "noise_on_grid",
     "parallel_kalman_filter",
     "parallel_rts_smoother",
     "periodic_sde",
@@ -65,6 +80,7 @@ __all__ = [
     "psd_factor",
     "resolve_method",
     "rts_smoother",
+    "smoothing_posterior",
     "run_cvi",
     "stack_sdes",
 ]

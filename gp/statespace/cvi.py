@@ -1,7 +1,8 @@
 """Conjugate-computation variational inference (CVI) for state-space GPs, in O(n).
 
-Khan & Lin (AISTATS 2017); the state-space form follows BayesNewton / markovflow
-(ALGORITHMS §6.5). For a non-Gaussian likelihood ``p(y_i | f_i)`` the Gaussian approximation
+Khan & Lin (AISTATS 2017); the state-space form follows Chang et al., "Fast variational
+learning in state-space Gaussian process models" (MLSP 2020). For a non-Gaussian likelihood
+``p(y_i | f_i)`` the Gaussian approximation
 
 .. math::
 
@@ -31,6 +32,11 @@ evidence lower bound is, for any sites (``KL(q || p) = E_q[sum log t_i] - log Z`
 CVI optimum its gradient with the sites held fixed is the gradient of the optimal ELBO with
 respect to the hyperparameters (the ELBO is stationary in ``q``), so hyperparameters are
 learnt by alternating CVI to convergence (no graph) with gradient steps on this ELBO.
+
+Scaling: :func:`cvi_elbo` returns the per-datum mean ``ELBO / n_obs`` by default (the
+library's convention for objectives), ``reduction="sum"`` the full sum (which
+:meth:`gp.statespace.StateSpaceGP.log_marginal_likelihood` reports as its lower bound on
+``log p(y)``). :class:`CVIResult` carries the sum.
 """
 
 from __future__ import annotations
@@ -44,17 +50,26 @@ import torch
 from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
 
-from bdl.core.validation import check_int, check_positive
+from bdl.core.validation import check_choice, check_int, check_positive
 
 from .discretise import discretise
 from .ffbs import StateSpacePosterior
 from .grid import TimeGrid, make_grid
 from .kalman import FilterResult, kalman_filter, rts_smoother
 from .likelihoods import check_targets, expected_log_lik, expected_log_lik_grads
-from .parallel import parallel_kalman_filter, parallel_rts_smoother, smoothing_elements
+from .parallel import parallel_kalman_filter, parallel_rts_smoother
 from .sde import LTISDE
+from .smoothing import smoothing_posterior
 
-__all__ = ["CVIConfig", "CVIResult", "CVISites", "cvi_elbo", "cvi_posterior", "run_cvi"]
+__all__ = [
+    "CVIConfig",
+    "CVIResult",
+    "CVISites",
+    "cvi_elbo",
+    "cvi_posterior",
+    "cvi_pseudo_data",
+    "run_cvi",
+]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -312,16 +327,16 @@ def run_cvi(
 
 
 def _prepare(
-    likelihood: Likelihood, t: Tensor, y: Tensor, t_new: Tensor | None = None
+    likelihood: Likelihood, t: Tensor, y: Tensor
 ) -> tuple[TimeGrid, Tensor, Tensor, Tensor]:
-    for name, x in (("t", t), ("y", y), ("t_new", t_new)):
-        if x is not None and x.dim() != 1:
+    for name, x in (("t", t), ("y", y)):
+        if x.dim() != 1:
             raise ValueError(
                 f"{name} must have shape (n,) for a non-Gaussian likelihood (one series; "
                 f"batches of series are not supported), got {tuple(x.shape)}"
             )
     check_targets(likelihood, y)
-    grid = make_grid(t, y)  # training times only; t_new is merged in by cvi_posterior
+    grid = make_grid(t, y)  # training times only
     obs = ~torch.isnan(y)
     return grid, obs, grid.train_index[obs], y[obs]
 
@@ -356,6 +371,7 @@ def cvi_elbo(
     sites: CVISites,
     config: CVIConfig | None = None,
     method: str = "sequential",
+    reduction: str = "mean",
 ) -> Tensor:
     """ELBO of the CVI optimum, differentiable in the hyperparameters; updates ``sites``.
 
@@ -376,21 +392,62 @@ def cvi_elbo(
         Warm start and storage of the sites.
     config : CVIConfig, optional
     method : {"sequential", "parallel"}, default "sequential"
+    reduction : {"mean", "sum"}, default "mean"
+        ``"mean"``: the per-datum ELBO, ``ELBO / n_obs`` over the ``n_obs`` observed points
+        (0 when nothing is observed); ``"sum"``: the ELBO itself.
 
     Returns
     -------
     Tensor, shape ()
-        Sum over the observed points.
     """
+    check_choice("reduction", reduction, ("mean", "sum"))
     config = CVIConfig() if config is None else config
     grid, obs, pos, y_obs = _prepare(likelihood, t, y)
     result = _fit_sites(likelihood, sde, grid, obs, pos, y_obs, sites, config, method)
     if not torch.is_grad_enabled():
-        return result.elbo
-    A, Q = discretise(sde, grid.dt)
-    log_z, m, v = _pseudo_marginals(sde, A, Q, grid, pos, result.nat1, result.nat2, method)
-    m, v = m[pos], v[pos]
-    return _elbo(likelihood, y_obs, log_z, m, v, result.nat1, result.nat2, config.quadrature_points)
+        elbo = result.elbo
+    else:
+        A, Q = discretise(sde, grid.dt)
+        log_z, m, v = _pseudo_marginals(sde, A, Q, grid, pos, result.nat1, result.nat2, method)
+        m, v = m[pos], v[pos]
+        q = config.quadrature_points
+        elbo = _elbo(likelihood, y_obs, log_z, m, v, result.nat1, result.nat2, q)
+    return elbo if reduction == "sum" else elbo / max(y_obs.shape[0], 1)
+
+
+def cvi_pseudo_data(
+    likelihood: Likelihood,
+    sde: LTISDE,
+    t: Tensor,
+    y: Tensor,
+    sites: CVISites,
+    config: CVIConfig | None = None,
+    method: str = "sequential",
+) -> tuple[Tensor, Tensor]:
+    """Gaussian pseudo-observations of the CVI optimum (CVI run to convergence first).
+
+    ``q(f)`` is the exact posterior of the Gaussian model whose observation at ``t_i`` is
+    ``ỹ_i = λ_{1,i} / λ_{2,i}`` with noise variance ``ṽ_i = 1 / λ_{2,i}``.
+
+    Parameters
+    ----------
+    likelihood, sde, t, y, sites, config, method
+        As in :func:`cvi_elbo`.
+
+    Returns
+    -------
+    pseudo_y : Tensor, shape (n,)
+        ``ỹ`` (NaN where ``y`` is missing), no graph.
+    pseudo_noise : Tensor, shape (n,)
+        ``ṽ`` (1 where ``y`` is missing), no graph.
+    """
+    config = CVIConfig() if config is None else config
+    grid, obs, pos, y_obs = _prepare(likelihood, t, y)
+    result = _fit_sites(likelihood, sde, grid, obs, pos, y_obs, sites, config, method)
+    nan = y.new_full(y.shape, float("nan"))
+    pseudo_y = nan.masked_scatter(obs, result.nat1 / result.nat2)
+    pseudo_noise = y.new_ones(y.shape).masked_scatter(obs, 1.0 / result.nat2)
+    return pseudo_y, pseudo_noise
 
 
 def cvi_posterior(
@@ -405,44 +462,24 @@ def cvi_posterior(
 ) -> StateSpacePosterior:
     """Variational posterior ``q(f(t_new))`` (CVI run to convergence first).
 
-    The converged sites are pseudo-observations at the training times; the RTS smoother on
-    the training times merged with ``t_new`` gives the marginals anywhere (interpolation and
-    forecasting). Predictive probabilities / rates of ``y`` follow from
-    :func:`gp.statespace.predictive_moments`.
+    The converged sites are pseudo-observations at the training times
+    (:func:`cvi_pseudo_data`); the RTS smoother on the training times merged with ``t_new``
+    gives the marginals anywhere (interpolation and forecasting). Predictive probabilities /
+    rates of ``y`` follow from :func:`gp.statespace.predictive_moments`.
 
     Parameters
     ----------
     likelihood, sde, t, y, sites, config, method
         As in :func:`cvi_elbo`.
-    t_new : Tensor, shape (n_new,)
-        Prediction times.
+    t_new : Tensor, shape (n_new,) or (..., n_new)
+        Prediction times (a batch of sets of prediction times is allowed).
 
     Returns
     -------
     StateSpacePosterior
-        ``mean`` and marginal ``variance`` of ``f``, shape (n_new, 1); ``rsample`` draws
-        joint samples of ``f`` under ``q`` by FFBS.
+        ``mean`` and marginal ``variance`` of ``f``, shape (..., n_new, 1); ``rsample`` draws
+        joint samples of ``f`` under ``q`` by FFBS. Differentiable in the kernel
+        hyperparameters (at fixed sites) and in ``t_new``.
     """
-    config = CVIConfig() if config is None else config
-    grid, obs, pos, y_obs = _prepare(likelihood, t, y, t_new)
-    result = _fit_sites(likelihood, sde, grid, obs, pos, y_obs, sites, config, method)
-    merged = make_grid(t, y, t_new)
-    A, Q = discretise(sde, merged.dt)
-    pos_merged = merged.train_index[obs]
-    filtered, m_s, P_s = _pseudo_smoother(
-        sde, A, Q, merged, pos_merged, result.nat1, result.nat2, method
-    )
-    # q(f) is the exact posterior of the Gaussian pseudo-data model: its joint law (FFBS
-    # draws, dense covariance on request) comes from the same smoother as for a Gaussian GP
-    h, idx = sde.H.reshape(-1), merged.new_index
-    cov_h = P_s[idx] @ h  # (n_new, d)
-    return StateSpacePosterior(
-        mean=(m_s[idx] @ h).unsqueeze(-1),
-        variance=(cov_h @ h).clamp_min(0).unsqueeze(-1),
-        elements=smoothing_elements(A, filtered, zero_step=merged.zero_step),
-        h=h,
-        new_index=idx,
-        cov_h=cov_h,
-        prior_scale=sde.Pinf.detach().diagonal(),
-        method=method,
-    )
+    pseudo_y, pseudo_noise = cvi_pseudo_data(likelihood, sde, t, y, sites, config, method)
+    return smoothing_posterior(sde, t, pseudo_y, pseudo_noise, t_new, method)

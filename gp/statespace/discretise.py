@@ -23,7 +23,9 @@ def discretise(sde: LTISDE, dt: Tensor) -> tuple[Tensor, Tensor]:
     (the stationary shortcut: no integral is needed because the process starts at ``Pinf``).
     All matrix exponentials are computed in one batched ``torch.linalg.matrix_exp`` over the
     distinct step lengths. ``Delta = 0`` gives ``A = I`` and ``Q = 0`` exactly (repeated
-    timestamps); ``Q`` is symmetrised.
+    timestamps); ``Q`` is symmetrised. When ``dt`` requires grad every step keeps its own
+    (differentiable) matrix exponential, so derivatives in the times exist at ``Delta = 0``
+    too.
 
     Parameters
     ----------
@@ -50,7 +52,8 @@ def discretise(sde: LTISDE, dt: Tensor) -> tuple[Tensor, Tensor]:
     if dt.numel() == 0:
         empty = sde.F.new_zeros(0, d, d)
         return empty, empty
-    if torch.is_grad_enabled() and dt.requires_grad:  # torch.unique has no derivative
+    differentiable = torch.is_grad_enabled() and dt.requires_grad
+    if differentiable:  # torch.unique has no derivative
         unique, inverse = dt, torch.arange(dt.shape[0], device=dt.device)
     else:
         unique, inverse = torch.unique(dt, return_inverse=True)
@@ -58,7 +61,9 @@ def discretise(sde: LTISDE, dt: Tensor) -> tuple[Tensor, Tensor]:
     Q_unique = sde.Pinf - A_unique @ sde.Pinf @ A_unique.mT
     Q_unique = 0.5 * (Q_unique + Q_unique.mT)
     zero = unique == 0
-    if bool(zero.any()):  # exact identity / zero for repeated timestamps
+    # exact identity / zero for repeated timestamps (expm(0) = I already; the mask would cut
+    # the derivative in dt at 0, so steps that require grad keep the general formula)
+    if not differentiable and bool(zero.any()):
         eye = torch.eye(d, dtype=sde.dtype, device=sde.device)
         A_unique = torch.where(zero[:, None, None], eye, A_unique)
         Q_unique = torch.where(zero[:, None, None], torch.zeros_like(Q_unique), Q_unique)

@@ -1,7 +1,8 @@
 """Fast exact log marginal likelihood of a state-space GP: compiled filter + hand-written adjoint.
 
 :func:`fast_log_marginal_likelihood` evaluates the same quantity as
-``kalman_filter(*discretise(sde, dt), ...).log_likelihood`` (ALGORITHMS.md §6.2–6.3), but
+``kalman_filter(*discretise(sde, dt), ...).log_likelihood`` (the exact discretisation and
+the Kalman filter of Särkkä & Solin, *Applied Stochastic Differential Equations*, 2019), but
 
 - the forward pass is one compiled loop (numba) that discretises exactly *inside* the loop
   (``A_k = expm(F dt_k)`` by scaling-Padé-squaring, ``P^- = A (P - Pinf) A^T + Pinf``, i.e.

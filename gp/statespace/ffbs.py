@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from bdl.core.linalg import psd_safe_cholesky
-from bdl.core.posterior import GaussianPosterior, _as_size
+from bdl.core.posterior import GaussianPosterior
+from bdl.core.posterior_base import as_size
 
 from .parallel import associative_scan
 
@@ -144,7 +145,7 @@ class StateSpacePosterior(GaussianPosterior):
         Size of the prior state variances (jitter scale of :func:`psd_factor`).
     noise : float or Tensor, default 0
         Independent Gaussian noise variance added to every draw (observation noise).
-    scale, shift : float, default 1, 0
+    scale, shift : float or Tensor of shape (), default 1, 0
         Affine map of the latent draws (e.g. undoing a standardisation).
     method : {"sequential", "parallel"}, default "sequential"
         Backward recursion algorithm (:func:`backward_sample`).
@@ -160,8 +161,8 @@ class StateSpacePosterior(GaussianPosterior):
         cov_h: Tensor,
         prior_scale: float | Tensor,
         noise: float | Tensor = 0.0,
-        scale: float = 1.0,
-        shift: float = 0.0,
+        scale: float | Tensor = 1.0,
+        shift: float | Tensor = 0.0,
         method: str = "sequential",
     ) -> None:
         super().__init__(mean, variance=variance)
@@ -170,9 +171,12 @@ class StateSpacePosterior(GaussianPosterior):
         self._new_index = new_index
         self._cov_h = cov_h
         self._prior_scale = prior_scale
-        self._noise = torch.as_tensor(noise, dtype=mean.dtype, device=mean.device)
-        self._scale = float(scale)
-        self._shift = float(shift)
+        # sampling and the dense covariance run in the dtype of the smoother's output (the
+        # compute dtype); ``to(dtype)`` only changes the dtype of what is returned
+        like = {"dtype": elements[0].dtype, "device": mean.device}
+        self._noise = torch.as_tensor(noise, **like)
+        self._scale = torch.as_tensor(scale, **like).reshape(())
+        self._shift = torch.as_tensor(shift, **like).reshape(())
         self._method = method
         self._factor: Tensor | None = None
         self._dense: Tensor | None = None
@@ -212,16 +216,38 @@ class StateSpacePosterior(GaussianPosterior):
         """True: draws and :attr:`covariance_matrix` are joint across the points."""
         return True
 
-    def affine(self, scale: float, shift: float) -> StateSpacePosterior:
-        """Posterior of ``shift + scale * f`` (observation noise scaled by ``scale**2``)."""
-        scale, shift = float(scale), float(shift)
+    def affine(self, scale: Tensor | float, shift: Tensor | float = 0.0) -> StateSpacePosterior:
+        """Posterior of ``shift + scale * f`` (observation noise scaled by ``scale**2``).
+
+        Parameters
+        ----------
+        scale : float or Tensor of shape () or (1,)
+            Positive.
+        shift : float or Tensor of shape () or (1,)
+
+        Returns
+        -------
+        StateSpacePosterior
+            Joint FFBS draws of the mapped ``f`` (the map is applied to every draw).
+        """
+        scale, shift = (v.reshape(()) for v in self._affine_args(scale, shift))
+        inner_scale, inner_shift = scale.to(self._scale.dtype), shift.to(self._scale.dtype)
         return self._replace(
             mean=self._mean * scale + shift,
             variance=self._variance * scale**2,
-            noise=self._noise * scale**2,
-            scale=self._scale * scale,
-            shift=self._shift * scale + shift,
+            noise=self._noise * inner_scale**2,
+            scale=self._scale * inner_scale,
+            shift=self._shift * inner_scale + inner_shift,
         )
+
+    def to(self, dtype: torch.dtype) -> StateSpacePosterior:
+        """The same posterior answering in floating ``dtype`` (differentiable).
+
+        Moments, draws and the dense covariance are returned in ``dtype``; the backward
+        sampling itself keeps running in the dtype the smoother computed in (casting a
+        float64 posterior to float32 does not make its draws float32-accurate only).
+        """
+        return self._replace(mean=self._mean.to(dtype), variance=self._variance.to(dtype))
 
     def add_observation_noise(self, noise_variance: Tensor | float) -> StateSpacePosterior:
         """Predictive of ``y = f + eps``, ``eps ~ N(0, noise_variance)`` independent.
@@ -230,7 +256,7 @@ class StateSpacePosterior(GaussianPosterior):
         ----------
         noise_variance : float or Tensor of shape ()
         """
-        noise = torch.as_tensor(noise_variance, dtype=self.dtype, device=self.device)
+        noise = torch.as_tensor(noise_variance, dtype=self._noise.dtype, device=self.device)
         if noise.numel() != 1:
             raise ValueError(
                 f"noise_variance must be a scalar for {type(self).__name__}, "
@@ -239,7 +265,8 @@ class StateSpacePosterior(GaussianPosterior):
         if bool((noise < 0).any()):
             raise ValueError("noise_variance must be non-negative")
         noise = noise.reshape(())
-        return self._replace(variance=self._variance + noise, noise=self._noise + noise)
+        variance = self._variance + noise.to(self._variance.dtype)
+        return self._replace(variance=variance, noise=self._noise + noise)
 
     # -- sampling --------------------------------------------------------------------------
     def _state_factor(self) -> Tensor:
@@ -266,13 +293,13 @@ class StateSpacePosterior(GaussianPosterior):
         -------
         Tensor, shape ``(*sample_shape, ..., n_new, 1)``
         """
-        sample_shape = _as_size(sample_shape)
+        sample_shape = as_size(sample_shape)
         expected = sample_shape + self.base_sample_shape
         if base_samples.shape != expected:
             raise ValueError(
                 f"base_samples has shape {tuple(base_samples.shape)}, expected {tuple(expected)}"
             )
-        base = base_samples.to(dtype=self.dtype, device=self.device)
+        base = base_samples.to(dtype=self._noise.dtype, device=self.device)
         E, g, _ = self._elements
         d = E.shape[-1]
         U = self._state_factor()
@@ -282,7 +309,7 @@ class StateSpacePosterior(GaussianPosterior):
         draws = self._shift + self._scale * f
         if bool(self._noise != 0):
             draws = draws + self._noise.sqrt() * self._take_new(base[..., d])
-        return draws.unsqueeze(-1)
+        return draws.unsqueeze(-1).to(self.dtype)
 
     def rsample(
         self,
@@ -299,7 +326,7 @@ class StateSpacePosterior(GaussianPosterior):
         generator : torch.Generator, optional
             Source of the standard normals (default: torch's global generator).
         """
-        sample_shape = _as_size(sample_shape)
+        sample_shape = as_size(sample_shape)
         base = torch.randn(
             sample_shape + self.base_sample_shape,
             dtype=self.dtype,
@@ -339,6 +366,7 @@ class StateSpacePosterior(GaussianPosterior):
         eye = torch.eye(n_new, dtype=torch.bool, device=cov.device)
         cov = torch.where(eye, torch.diag_embed(latent_var), cov)
         cov = cov * self._scale**2 + torch.diag_embed(self._noise.expand(*batch, n_new))
+        cov = cov.to(self.dtype)
         if not (torch.is_grad_enabled() and cov.requires_grad):
             self._dense = cov
         return cov

@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F_
 from gpytorch.kernels import Kernel
 from gpytorch.likelihoods import GaussianLikelihood, Likelihood
 from torch import Tensor, nn
 
-from bdl.core.posterior import GaussianPosterior
+from bdl.core.model import Model, cast_posterior
+from bdl.core.validation import check_inputs
+from gp._noise import NoiseMixin
+from gp.fitting import MarginalLikelihoodFit
+from gp.likelihoods import NOISE_LOWER_BOUND
 
-from .cvi import CVIConfig, CVISites, cvi_elbo, cvi_posterior
-from .discretise import discretise
+from .cvi import CVIConfig, CVISites, cvi_elbo, cvi_pseudo_data
 from .fast import fast_log_marginal_likelihood, numba_available
 from .ffbs import StateSpacePosterior
 from .grid import make_grid
-from .kalman import FilterResult, kalman_filter, rts_smoother
 from .kernels import kernel_to_sde
 from .likelihoods import check_likelihood
-from .parallel import (
-    parallel_kalman_filter,
-    parallel_rts_smoother,
-    resolve_method,
-    smoothing_elements,
-)
+from .parallel import resolve_method
 from .sde import LTISDE
+from .smoothing import filter_grid, smoothing_posterior
 
 __all__ = ["StateSpaceGP"]
-
-
-def _inverse_softplus(x: float) -> float:
-    """``log(exp(x) - 1)`` computed stably for ``x > 0``."""
-    return x + math.log(-math.expm1(-x))
 
 
 def _as_times(t: object, name: str) -> Tensor:
@@ -103,7 +93,7 @@ def _common(**tensors: Tensor) -> tuple[torch.dtype, torch.device]:
     return dtype, ref.device
 
 
-class StateSpaceGP(nn.Module):
+class StateSpaceGP(nn.Module, NoiseMixin, MarginalLikelihoodFit, Model):
     """Exact GP regression on a 1-D (time) input by Kalman filtering and RTS smoothing.
 
     The model is ``y_i = f(t_i) + eps_i``, ``f ~ GP(0, k)``, ``eps_i ~ N(0, noise)``, with a
@@ -111,14 +101,15 @@ class StateSpaceGP(nn.Module):
     :func:`gp.statespace.kernel_to_sde`): Matérn-1/2, 3/2, 5/2, ``CosineKernel``,
     ``PeriodicKernel`` (as a truncated cosine series), their ``ScaleKernel``, sums and
     products (e.g. quasi-periodic Matérn x periodic). Cost is O(n d^3) for ``n`` points and
-    state dimension ``d`` (instead of O(n^3)).
+    state dimension ``d`` (instead of O(n^3)). Implements :class:`bdl.core.Model` with
+    inputs ``X`` of shape ``(..., n, 1)`` (the times).
 
     Usage::
 
         model = StateSpaceGP(ScaleKernel(MaternKernel(nu=1.5)), noise=0.1)
-        model.log_marginal_likelihood(t, y)        # differentiable; maximise it to fit
-        model.set_data(t, y)                       # condition (stores t, y; no fitting)
-        post = model.posterior(t_new)              # GaussianPosterior, mean (n_new, 1)
+        model.fit((t, y))                          # type-II ML (L-BFGS); history_
+        model.log_marginal_likelihood(t, y)        # differentiable; the full sum
+        post = model.posterior(t_new[:, None])     # StateSpacePosterior, mean (n_new, 1)
         post.rsample(torch.Size([100]))            # joint draws (FFBS, O(n)), (100, n_new, 1)
         model.log_marginal_likelihood(t_b, y_b)    # batch: y_b (..., n), t_b (n,) or (..., n)
 
@@ -127,8 +118,9 @@ class StateSpaceGP(nn.Module):
     kernel : gpytorch.kernels.Kernel
         Prior covariance; its hyperparameters are this module's parameters.
     noise : float, default 0.1
-        Initial observation-noise variance, > 0. Stored as ``raw_noise`` with
-        ``noise = softplus(raw_noise)``.
+        Initial observation-noise variance, > ``noise_lower_bound``. Stored as ``raw_noise``
+        behind a gpytorch ``GreaterThan`` constraint (``raw_noise_constraint``):
+        ``noise = softplus(raw_noise) + noise_lower_bound``.
     method : {"auto", "fast", "parallel", "sequential"}, default "auto"
         Algorithm; all are exact and agree to rounding. ``"sequential"``: the Kalman loop in
         torch (:mod:`.kalman`). ``"parallel"``: ``O(log n)``-depth associative scans
@@ -137,7 +129,7 @@ class StateSpaceGP(nn.Module):
         bdlgp[fast]``; without numba it falls back to the parallel scan) — smoothing and
         batches of series use the parallel scan. ``"auto"``: ``"fast"`` for one Gaussian
         series on CPU when numba is installed, the parallel scan otherwise. Can be
-        overridden per call.
+        overridden per call (keyword ``method``).
     periodic_order : int, optional
         Number of harmonics of every ``PeriodicKernel`` (fixed order: the likelihood is then
         a smooth function of the hyperparameters). Default: the smallest order whose
@@ -147,27 +139,33 @@ class StateSpaceGP(nn.Module):
     likelihood : gpytorch Likelihood, optional
         ``None`` or a ``GaussianLikelihood`` (whose current noise then initialises ``noise``)
         give the exact Gaussian model. ``BernoulliLikelihood`` (probit),
-        :class:`gp.statespace.BernoulliLogitLikelihood` or
-        :class:`gp.statespace.PoissonLikelihood` give a non-Gaussian model fitted by
-        conjugate-computation VI in O(n) (:mod:`gp.statespace.cvi`); ``noise`` is then unused
-        (``raw_noise`` is frozen).
+        :class:`gp.BernoulliLogitLikelihood` or :class:`gp.PoissonLikelihood` give a
+        non-Gaussian model fitted by conjugate-computation VI in O(n)
+        (:mod:`gp.statespace.cvi`); ``noise`` is then unused (``raw_noise`` is frozen).
     cvi : CVIConfig, optional
         Settings of the CVI iteration (non-Gaussian likelihoods only).
+    noise_lower_bound : float, default :data:`gp.likelihoods.NOISE_LOWER_BOUND` (1e-6)
+        Lower bound of the noise variance (0 allows any positive noise).
 
     Attributes
     ----------
     train_t, train_y : Tensor or None
-        Data set by :meth:`set_data` (plain attributes, not part of ``state_dict``).
+        Data set by :meth:`set_data` (non-persistent buffers: moved and cast by ``.to()``,
+        not part of ``state_dict``).
     sites : CVISites or None
         Non-Gaussian likelihoods: CVI site parameters of the training points (buffers, so
         they are saved in ``state_dict`` and warm-start the next CVI run).
+    history_ : list of float
+        ``-log p(y)`` (or ``-ELBO``) during the last :meth:`fit`.
 
     Notes
     -----
     Times may be unsorted and repeated; NaN in ``y`` marks missing observations. Computation
-    happens in the dtype and on the device of the data (the hyperparameters are cast).
-    Float32 is supported; grids whose steps are much shorter than the lengthscale lose
-    precision there (see :func:`gp.statespace.discretise`) and are better run in float64.
+    happens in the dtype and on the device of the data (the hyperparameters are cast);
+    :meth:`posterior` computes in the promoted dtype of the data and ``X`` and answers in
+    ``X``'s. Float32 is supported; grids whose steps are much shorter than the lengthscale
+    lose precision there (see :func:`gp.statespace.discretise`) and are better run in
+    float64.
     """
 
     def __init__(
@@ -180,6 +178,7 @@ class StateSpaceGP(nn.Module):
         periodic_tol: float = 1e-6,
         likelihood: Likelihood | None = None,
         cvi: CVIConfig | None = None,
+        noise_lower_bound: float = NOISE_LOWER_BOUND,
     ) -> None:
         super().__init__()
         self.sde_options = {"periodic_order": periodic_order, "periodic_tol": periodic_tol}
@@ -187,7 +186,7 @@ class StateSpaceGP(nn.Module):
         resolve_method(method)  # validates the name
         self.method = method
         self.kernel = kernel
-        self.raw_noise = nn.Parameter(torch.tensor(_inverse_softplus(self._check_noise(noise))))
+        self._init_noise(noise, noise_lower_bound)
         likelihood = check_likelihood(likelihood)
         if isinstance(likelihood, GaussianLikelihood):  # exact path; its noise initialises noise
             self.noise, likelihood = likelihood.noise.detach().reshape(-1)[0], None
@@ -196,29 +195,21 @@ class StateSpaceGP(nn.Module):
         self.cvi = CVIConfig() if cvi is None else cvi
         if likelihood is not None:
             self.raw_noise.requires_grad_(False)  # no Gaussian noise in a non-Gaussian model
-        self.train_t: Tensor | None = None
-        self.train_y: Tensor | None = None
-
-    @staticmethod
-    def _check_noise(noise: float | Tensor) -> float:
-        try:
-            value = float(noise)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"noise must be a positive number, got {noise!r}") from err
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"noise must be a finite positive variance, got {value}")
-        return value
+        # the data (not state: non-persistent buffers, so they follow .to() and pickling)
+        self.register_buffer("train_t", None, persistent=False)
+        self.register_buffer("train_y", None, persistent=False)
 
     @property
-    def noise(self) -> Tensor:
-        """Observation-noise variance ``softplus(raw_noise)``, shape ()."""
-        return F_.softplus(self.raw_noise)
+    def num_outputs(self) -> int:
+        """One output."""
+        return 1
 
-    @noise.setter
-    def noise(self, value: float | Tensor) -> None:
-        raw = _inverse_softplus(self._check_noise(value))
-        with torch.no_grad():
-            self.raw_noise.fill_(raw)
+    @property
+    def batch_shape(self) -> torch.Size:
+        """Batch shape of the series set by :meth:`set_data` (empty for one series)."""
+        if self.train_t is None:
+            return torch.Size([])
+        return torch.broadcast_shapes(self.train_t.shape[:-1], self.train_y.shape[:-1])
 
     def sde(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> LTISDE:
         """The kernel's state-space form (differentiable in the kernel hyperparameters)."""
@@ -259,18 +250,6 @@ class StateSpaceGP(nn.Module):
         return t, _as_targets(y, t)
 
     # -- inference ------------------------------------------------------------------------
-    def _filter(
-        self, times_dt: Tensor, zero_step: Tensor, y: Tensor, dtype: torch.dtype, method: str
-    ) -> tuple[Tensor, FilterResult, LTISDE]:
-        sde = self.sde(dtype=dtype, device=y.device)
-        A, Q = discretise(sde, times_dt.reshape(-1))  # all series' steps in one batch
-        A = A.reshape(*times_dt.shape, *A.shape[-2:])
-        Q = Q.reshape(*times_dt.shape, *Q.shape[-2:])
-        noise = self.noise.to(dtype=dtype, device=y.device)
-        run = parallel_kalman_filter if method == "parallel" else kalman_filter
-        result = run(A, Q, sde.H, sde.Pinf, y, noise, zero_step=zero_step)
-        return A, result, sde
-
     @staticmethod
     def _use_fast(requested: str, t: Tensor, y: Tensor, device: torch.device) -> bool:
         """Whether the compiled LML path (:mod:`.fast`) handles this call: one series, and
@@ -288,9 +267,10 @@ class StateSpaceGP(nn.Module):
 
         Equals ``log N(y_obs; 0, K_obs + noise I)`` of the dense GP on the non-NaN points.
         With a non-Gaussian ``likelihood`` it is the evidence lower bound ``ELBO <= log p(y)``
-        of the Gaussian-VI optimum instead: CVI is first run to convergence on the stored
-        sites (no graph, see :func:`gp.statespace.cvi_elbo`), then the ELBO is differentiable
-        in the hyperparameters (and its gradient is the optimal ELBO's).
+        of the Gaussian-VI optimum instead, also the full sum (``cvi_elbo(...,
+        reduction="sum")``): CVI is first run to convergence on the stored sites (no
+        graph), then the ELBO is differentiable in the hyperparameters (and its gradient is
+        the optimal ELBO's).
 
         A batch of independent series sharing the hyperparameters (``y`` of shape
         ``(..., n)``, ``t`` shared ``(n,)`` or per series ``(..., n)``) gives one value per
@@ -313,44 +293,66 @@ class StateSpaceGP(nn.Module):
         dtype, device = _common(t=t, y=y)
         requested = self.method if method is None else method
         method = resolve_method(requested, device)
-        if self.likelihood is None and self._use_fast(requested, t, y, device):
-            grid = make_grid(t.to(dtype), y.to(dtype))
-            sde = self.sde(dtype=dtype, device=device)
-            noise = self.noise.to(dtype=dtype, device=device)
-            return fast_log_marginal_likelihood(sde, grid.dt, grid.y, noise)
+        t, y = t.to(dtype), y.to(dtype)
+        sde = self.sde(dtype=dtype, device=device)
         if self.likelihood is not None:  # non-Gaussian: the CVI lower bound (.cvi)
-            sde = self.sde(dtype=dtype, device=device)
             return cvi_elbo(
-                self.likelihood, sde, t.to(dtype), y.to(dtype), self.sites, self.cvi, method
+                self.likelihood, sde, t, y, self.sites, self.cvi, method, reduction="sum"
             )
-        grid = make_grid(t.to(dtype), y.to(dtype))
-        _, result, _ = self._filter(grid.dt, grid.zero_step, grid.y, dtype, method)
-        return result.log_likelihood
+        grid = make_grid(t, y)
+        noise = self.noise.to(dtype=dtype, device=device)
+        if self._use_fast(requested, t, y, device):
+            return fast_log_marginal_likelihood(sde, grid.dt, grid.y, noise)
+        return filter_grid(sde, grid, noise, method)[1].log_likelihood
+
+    def _query_times(self, X: Tensor) -> Tensor:
+        """Prediction times (..., n_new) from ``X`` (..., n_new, 1) or (n_new,), checked."""
+        t_new = check_inputs(X, d=1).squeeze(-1)
+        try:
+            torch.broadcast_shapes(self.batch_shape, t_new.shape[:-1])
+        except RuntimeError as err:
+            raise ValueError(
+                f"X has batch shape {tuple(t_new.shape[:-1])}, which does not broadcast with "
+                f"the batch_shape {tuple(self.batch_shape)} of the data; X must have shape "
+                "(..., n, 1) or (n,)"
+            ) from err
+        return t_new
 
     def posterior(
-        self, t_new: Tensor, observation_noise: bool = False, method: str | None = None
-    ) -> GaussianPosterior:
-        """Posterior marginals at ``t_new`` given the data from :meth:`set_data`.
+        self,
+        X: Tensor,
+        *,
+        observation_noise: bool = False,
+        joint: bool = False,
+        method: str | None = None,
+    ) -> StateSpacePosterior:
+        """Posterior at times ``X`` given the data from :meth:`set_data`.
 
-        Exact RTS smoothing on the training times merged with ``t_new`` (as missing
-        observations): covers interpolation, prediction at training times and forecasting
-        before or after the data. With a non-Gaussian ``likelihood``: the CVI posterior
-        ``q(f)`` (see :func:`gp.statespace.cvi_posterior`); probabilities / rates of ``y``
-        follow from :func:`gp.statespace.predictive_moments`.
+        Exact RTS smoothing on the training times merged with the prediction times (as
+        missing observations): covers interpolation, prediction at training times and
+        forecasting before or after the data. With a non-Gaussian ``likelihood``: the CVI
+        posterior ``q(f)`` (the smoother on CVI's Gaussian pseudo-observations, see
+        :func:`gp.statespace.cvi_pseudo_data`); probabilities / rates of ``y`` follow from
+        :func:`gp.statespace.predictive_moments`.
 
-        For a batch of series (see :meth:`set_data`) the posterior has batch shape
-        ``(...)``. The returned :class:`gp.statespace.StateSpacePosterior` holds the
-        marginals, and its ``rsample`` draws *joint* samples of ``f`` at ``t_new``
-        (correlated across times as the GP posterior) by forward-filtering
-        backward-sampling in O(n) (:mod:`gp.statespace.ffbs`).
+        The returned :class:`gp.statespace.StateSpacePosterior` holds the marginals; its
+        ``rsample`` draws *joint* samples of ``f`` (correlated across times as the GP
+        posterior) by forward-filtering backward-sampling in O(n)
+        (:mod:`gp.statespace.ffbs`), and its ``covariance_matrix`` is the dense joint
+        covariance, built on request. It is the same object for ``joint=True`` and
+        ``joint=False``.
 
         Parameters
         ----------
-        t_new : Tensor, shape (n_new,) or (n_new, 1), or ``(*batch_shape, n_new)``
-            Finite prediction times, any order; shared by all series or one row per series.
+        X : Tensor, shape (..., n_new, 1) or (n_new,)
+            Finite prediction times, any order. The batch shape ``...`` broadcasts with the
+            data's batch of series (:attr:`batch_shape`).
         observation_noise : bool, default False
             Add the noise variance (predictive of ``y``) instead of the latent ``f``
             (Gaussian likelihood only).
+        joint : bool, default False
+            Accepted for the model protocol; the posterior always has the joint law (FFBS
+            draws, dense ``covariance_matrix`` on request).
         method : {"auto", "fast", "parallel", "sequential"}, optional
             Overrides the constructor's ``method`` for this call (``"auto"`` and ``"fast"``
             smooth with the parallel scan).
@@ -358,57 +360,30 @@ class StateSpaceGP(nn.Module):
         Returns
         -------
         StateSpacePosterior
-            A ``GaussianPosterior``: ``mean`` and marginal ``variance`` of shape
-            (..., n_new, 1); FFBS joint draws; dense ``covariance_matrix`` on request.
+            In ``X``'s dtype: ``mean`` and marginal ``variance`` of shape (..., n_new, 1);
+            differentiable in ``X`` and the hyperparameters.
         """
         if self.train_t is None:
-            raise RuntimeError("no data: call set_data(t, y) before posterior(t_new)")
-        t_new = _as_times(t_new, "t_new")
-        batch = torch.broadcast_shapes(self.train_t.shape[:-1], self.train_y.shape[:-1])
-        if t_new.dim() > 1 and t_new.shape[:-1] != batch:
-            raise ValueError(
-                f"t_new must have shape (n_new,) or (*batch_shape, n_new) with the data's "
-                f"batch_shape {tuple(batch)}, got {tuple(t_new.shape)}"
-            )
-        dtype, device = _common(t=self.train_t, y=self.train_y, t_new=t_new)
+            raise RuntimeError("no data: call set_data(t, y) before posterior(X)")
+        t_new = self._query_times(X)
+        dtype, device = _common(t=self.train_t, y=self.train_y, X=t_new)
         method = resolve_method(self.method if method is None else method, device)
-        if self.likelihood is not None:  # non-Gaussian: q(f) from the CVI sites (.cvi)
-            if observation_noise:
-                raise ValueError(
-                    "observation_noise=True needs a Gaussian likelihood; for "
-                    f"{type(self.likelihood).__name__} use gp.statespace.predictive_moments("
-                    "model.likelihood, post.mean, post.variance)"
-                )
-            t_tr, y_tr = self.train_t.to(dtype), self.train_y.to(dtype)
-            sde = self.sde(dtype=dtype, device=device)
-            return cvi_posterior(
-                self.likelihood, sde, t_tr, y_tr, t_new.to(dtype), self.sites, self.cvi, method
+        sde = self.sde(dtype=dtype, device=device)
+        t, y = self.train_t.to(dtype), self.train_y.to(dtype)
+        if self.likelihood is None:
+            noise = self.noise.to(dtype=dtype, device=device)
+        elif observation_noise:
+            raise ValueError(
+                "observation_noise=True needs a Gaussian likelihood; for "
+                f"{type(self.likelihood).__name__} use gp.statespace.predictive_moments("
+                "model.likelihood, post.mean, post.variance)"
             )
-        grid = make_grid(self.train_t.to(dtype), self.train_y.to(dtype), t_new.to(dtype))
-        A, result, sde = self._filter(grid.dt, grid.zero_step, grid.y, dtype, method)
-        smoother = parallel_rts_smoother if method == "parallel" else rts_smoother
-        m_s, P_s = smoother(A, result, zero_step=grid.zero_step)
-        h = sde.H.reshape(-1)
-        index = grid.new_index
-        if index.dim() == 1:  # shared grid
-            m_new, P_new = m_s[..., index, :], P_s[..., index, :, :]
-        else:
-            m_new = m_s.gather(-2, index[..., None].expand(*index.shape, m_s.shape[-1]))
-            P_new = P_s.gather(-3, index[..., None, None].expand(*index.shape, *P_s.shape[-2:]))
-        cov_h = P_new @ h  # (..., n_new, d)
-        post = StateSpacePosterior(
-            mean=(m_new @ h).unsqueeze(-1),
-            variance=(cov_h @ h).clamp_min(0).unsqueeze(-1),
-            elements=smoothing_elements(A, result, zero_step=grid.zero_step),
-            h=h,
-            new_index=index,
-            cov_h=cov_h,
-            prior_scale=sde.Pinf.detach().diagonal(),  # per state: diag(Pinf) spans lambda^2k
-            method=method,
-        )
+        else:  # non-Gaussian: q(f) from the CVI sites (.cvi)
+            y, noise = cvi_pseudo_data(self.likelihood, sde, t, y, self.sites, self.cvi, method)
+        post = smoothing_posterior(sde, t, y, noise, t_new.to(dtype), method)
         if observation_noise:
             post = post.add_observation_noise(self.noise.to(dtype=dtype, device=device))
-        return post
+        return cast_posterior(post, X.dtype)
 
     def extra_repr(self) -> str:
         return f"noise={self.noise.item():.4g}, method={self.method!r}"

@@ -57,8 +57,8 @@ def resolve_method(
     ----------
     method : {"sequential", "parallel", "fast", "auto"}
         ``"auto"`` and ``"fast"`` pick ``"parallel"``: the associative scan does more
-        arithmetic than the loop but far fewer (batched) torch operations, and is the faster
-        torch path on CPU as well as CUDA (see ``benchmarks/RESULTS.md``). ``"fast"`` names
+        arithmetic than the loop but far fewer (batched) torch operations, which makes it the
+        faster torch path on CPU as well as CUDA. ``"fast"`` names
         the compiled log-marginal-likelihood path of :class:`gp.statespace.StateSpaceGP`,
         which has no smoother of its own.
     device : torch.device or str, optional

@@ -39,14 +39,16 @@ class ModelCase:
     build(dtype) returns a fitted model computing in ``dtype``; fresh(dtype) the same
     architecture before fitting (the target of a ``state_dict`` round trip); noise(model)
     the observation-noise variance ``posterior(observation_noise=True)`` adds, shape
-    broadcastable to (n, m), or None where that option does not apply; fit(model) trains it
+    broadcastable to (n, m), or None where that option does not apply (``noise(model, X)``
+    when ``noise_takes_inputs``: input-dependent noise); fit(model) trains it
     briefly (None where the model is not trained by ``fit``).
     """
 
     name: str
     build: Callable[[torch.dtype], Any]
     fresh: Callable[[torch.dtype], Any]
-    noise: Callable[[Any], torch.Tensor] | None = None
+    noise: Callable[..., torch.Tensor] | None = None
+    noise_takes_inputs: bool = False
     joint: bool = True
     categorical: bool = False
     fit: Callable[[Any], Any] | None = None

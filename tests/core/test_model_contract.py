@@ -77,7 +77,8 @@ def test_observation_noise_adds_exactly_the_noise_variance(case, fitted):
     X = _inputs((6, case.d))
     latent = model.posterior(X)
     noisy = model.posterior(X, observation_noise=True)
-    noise = torch.as_tensor(case.noise(model), dtype=DT).expand_as(latent.variance)
+    noise = case.noise(model, X) if case.noise_takes_inputs else case.noise(model)
+    noise = torch.as_tensor(noise, dtype=DT).expand_as(latent.variance)
     torch.testing.assert_close(noisy.mean, latent.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(noisy.variance - latent.variance, noise, rtol=1e-8, atol=1e-10)
 

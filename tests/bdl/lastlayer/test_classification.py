@@ -1,4 +1,4 @@
-"""Discriminative VBLL classification (D-VBLL, ALGORITHMS §1.6 and §1.11 item 3).
+"""Discriminative VBLL classification (D-VBLL): Jensen bound, predictive and fixed point.
 
 Tolerances
 ----------
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bdl.lastlayer import VBLLClassification
 from bdl.core.posterior import CategoricalPosterior
+from bdl.lastlayer import VBLLClassification
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""Covariance families and the Gaussian-weights KL (ALGORITHMS §1.11 item 5).
+"""Covariance families and the Gaussian-weights KL.
 
 Tolerances: every identity here is algebraic (matrix determinant lemma, tr(L L^T) = ||L||_F^2,
 phi^T L L^T phi = ||L^T phi||^2) on float64 matrices of size <= 6 with condition numbers

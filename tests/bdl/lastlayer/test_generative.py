@@ -1,4 +1,4 @@
-"""Generative VBLL classification (G-VBLL, ALGORITHMS §1.7 and §1.11 item 4).
+"""Generative VBLL classification (G-VBLL): GDA limit, bound and predictive.
 
 Tolerances
 ----------

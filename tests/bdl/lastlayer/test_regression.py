@@ -1,4 +1,4 @@
-"""VBLL regression is exactly Bayesian linear regression on fixed features (ALGORITHMS §1.11).
+"""VBLL regression is exactly Bayesian linear regression on fixed features.
 
 Tolerances
 ----------

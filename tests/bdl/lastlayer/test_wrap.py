@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bdl.lastlayer import VBLLClassification, VBLLRegression, VBLLWrapper, wrap
 from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
+from bdl.lastlayer import VBLLClassification, VBLLRegression, VBLLWrapper, wrap
 
 NOISE_STD = 0.1
 
@@ -187,7 +187,7 @@ def test_classification_posthoc_matches_map_accuracy_and_nll(cls_problem):
         log_p = net(x_test).log_softmax(-1)
     map_acc = float((log_p.argmax(-1) == y_test).double().mean())
     map_nll = float(-log_p.gather(1, y_test[:, None]).mean())
-    model = wrap(net, "classification").fit((x, y), generator=torch.Generator().manual_seed(0))
+    model = wrap(net, "classification").fit((x, y), seed=0)
     assert isinstance(model.head, VBLLClassification) and model.head.num_data == 300
     post = model.posterior(x_test)
     assert isinstance(post, CategoricalPosterior) and post.probs.shape == (2000, 3)
@@ -212,7 +212,7 @@ def test_finetune_classification_improves_elbo(cls_problem):
     model = wrap(net, "classification", method="finetune")
     model.head.num_data = len(y)
     before = _full_loss(model, x, y)
-    model.fit((x, y), epochs=10, lr=1e-3, generator=torch.Generator().manual_seed(0))
+    model.fit((x, y), epochs=10, lr=1e-3, seed=0)
     assert _full_loss(model, x, y) < before
     assert len(model.history_) == 10
 
@@ -220,7 +220,7 @@ def test_finetune_classification_improves_elbo(cls_problem):
 def test_finetune_regression_runs_and_refreshes_closed_form(reg_problem):
     net, x, y = reg_problem
     model = wrap(net, method="finetune")
-    model.fit((x, y), epochs=5, lr=1e-3, generator=torch.Generator().manual_seed(0))
+    model.fit((x, y), epochs=5, lr=1e-3, seed=0)
     assert len(model.history_) == 5 and model.history_[-1] < model.history_[0]
     # the final head is the closed form on the final (centred) features
     with torch.no_grad():
@@ -409,7 +409,12 @@ def test_model_dtype_is_followed():
     x, y = _regression_data(30, seed=8, dtype=torch.float32)
     model = wrap(_mlp(1, 1).double()).fit((x, y))  # float32 data, float64 net
     assert model.head.weights.mean.dtype == torch.float64
-    assert model.posterior(x).mean.dtype == torch.float64
+    # the posterior follows its input (the model protocol): computed in float64, returned in
+    # the dtype of x
+    assert model.posterior(x).mean.dtype == torch.float32
+    post64 = model.posterior(x.double())
+    assert post64.mean.dtype == torch.float64
+    torch.testing.assert_close(model.posterior(x).mean, post64.mean.float())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -149,7 +149,7 @@ def test_batchnorm_running_stats_per_sample_and_classification_average() -> None
 def test_regression_mixture_moments() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
-    collector = SampleCollector(model)
+    collector = SampleCollector(model, task="regression", noise_variance=0.3)
     x = torch.randn(7, 3)
     outs = []
     for _ in range(5):
@@ -159,14 +159,17 @@ def test_regression_mixture_moments() -> None:
             outs.append(model(x))
         collector.update()
     outs = torch.stack(outs)
-    post = collector.posterior(x, task="regression", noise_variance=0.3)
+    post = collector.posterior(x, observation_noise=True)
     assert isinstance(post, SamplePosterior) and post.samples.shape == (5, 7, 2)
     torch.testing.assert_close(post.mean, outs.mean(0), rtol=0, atol=1e-6)
     torch.testing.assert_close(post.variance, outs.var(0, unbiased=False) + 0.3, rtol=0, atol=1e-6)
+    latent = collector.posterior(x)
+    torch.testing.assert_close(latent.variance, outs.var(0, unbiased=False), rtol=0, atol=1e-6)
+    assert collector.num_outputs == 2
     scalar = nn.Linear(3, 1)
-    c = SampleCollector(nn.Sequential(scalar, nn.Flatten(0)))
+    c = SampleCollector(nn.Sequential(scalar, nn.Flatten(0)), task="regression")
     c.update()
-    assert c.posterior(x, task="regression").mean.shape == (7, 1)
+    assert c.posterior(x).mean.shape == (7, 1)
 
 
 def test_ring_buffer_keeps_newest() -> None:
@@ -240,8 +243,81 @@ def test_bad_inputs() -> None:
         collector.posterior(torch.randn(2, 4))
     collector.collect()
     with pytest.raises(ValueError, match="task"):
-        collector.posterior(torch.randn(2, 4), task="ranking")
+        SampleCollector(model, task="ranking")
+    collector.task = "ranking"  # a settable attribute, checked by posterior
+    with pytest.raises(ValueError, match="task"):
+        collector.posterior(torch.randn(2, 4))
+    collector.task = "classification"
     with pytest.raises(ValueError, match="batch_size"):
         collector.posterior(torch.randn(2, 4), batch_size=0)
     with pytest.raises(ValueError, match="noise_variance"):
-        collector.posterior(torch.randn(2, 4), noise_variance=1.0)
+        SampleCollector(model, noise_variance=1.0)
+    with pytest.raises(TypeError):
+        collector.posterior(torch.randn(2, 4), True)  # keyword-only options
+    with pytest.raises(ValueError, match="log_noise_std"):
+        SampleCollector(model, task="regression", log_noise_std="nope")
+    with pytest.raises(ValueError, match="at most one"):
+        SampleCollector(model, task="regression", noise_variance=1.0, log_noise_std="0.bias")
+    regression = SampleCollector(model, task="regression")
+    regression.collect()
+    with pytest.raises(ValueError, match="observation_noise"):
+        regression.posterior(torch.randn(2, 4), observation_noise=True)
+    with pytest.raises(ValueError, match="num_outputs"):
+        _ = SampleCollector(nn.Sequential(nn.Conv1d(1, 1, 1)), task="regression").num_outputs
+
+
+class NoisyNet(nn.Module):
+    """Mean network and a sampled per-output log noise sd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.log_std = nn.Parameter(torch.tensor([-1.0, 0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_per_sample_noise_from_a_sampled_parameter() -> None:
+    model = NoisyNet()
+    collector = SampleCollector(model, task="regression", log_noise_std="log_std")
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        collector.update()
+    x = make_data()[0][:5]
+    latent, noisy = collector.posterior(x), collector.posterior(x, observation_noise=True)
+    log_std = collector.named_samples()["log_std"]  # (S, 2)
+    assert log_std.shape == (4, 2)
+    torch.testing.assert_close(
+        noisy.variance - latent.variance, (2 * log_std).exp().mean(0).expand(5, 2)
+    )
+    torch.testing.assert_close(noisy.noise_variance, (2 * log_std).exp()[:, None].expand(4, 5, 2))
+    assert collector.num_outputs == 2
+
+
+def test_posterior_follows_the_input_dtype_and_is_differentiable() -> None:
+    # a float32 chain answers float64 inputs in float64 (its samples cast, not the model's
+    # parameters), batched inputs (b, q, d) keep their batch shape, and gradients reach X
+    model = make_net()
+    collector = SampleCollector(model)
+    run(model, collector, 3)
+    params = [p.detach().clone() for p in model.parameters()]
+    X = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    post = collector.posterior(X)
+    assert post.probs.dtype == torch.float64 and post.probs.shape == (2, 3, 3)
+    assert post.prob_samples.shape == (3, 2, 3, 3)
+    (grad,) = torch.autograd.grad(post.probs[..., 0].sum(), X)
+    assert grad.shape == X.shape and bool(grad.abs().sum() > 0)
+    flat = collector.posterior(X.detach().reshape(6, 4).float())
+    torch.testing.assert_close(flat.probs.double(), post.probs.detach().reshape(6, 3))
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters(), strict=True))
+    assert collector.posterior(X, joint=True).probs.shape == (2, 3, 3)  # joint: the same mixture
+    bn = make_net(batchnorm=True)  # float buffers are cast with the parameters
+    with_bn = SampleCollector(bn)
+    run(bn, with_bn, 3)
+    x64 = make_data()[0].double()
+    ref = reference_probs(bn, with_bn, x64.float()).double().mean(0)
+    torch.testing.assert_close(with_bn.posterior(x64).probs, ref, rtol=0, atol=1e-6)

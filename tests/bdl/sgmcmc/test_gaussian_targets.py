@@ -1,7 +1,7 @@
 """SGLD, SGHMC and pSGLD on Gaussian targets against the exact law of the discretised chain.
 
-Set-up (ALGORITHMS.md §2.8)
----------------------------
+Set-up
+------
 Target potential ``U(theta) = (theta - mu)^T A (theta - mu) / 2`` per chain, plus the samplers'
 own prior ``lambda ||theta||^2 / 2``: precision ``A' = A + lambda I`` and mean
 ``mu' = A'^{-1} A mu``. The "mean minibatch loss" is ``U / N`` (full batch, exact gradient,
@@ -273,7 +273,7 @@ def test_sghmc_without_noise_collapses_to_the_mode() -> None:
     """T = 0: a damped deterministic recursion ``x' = M x + c`` that converges to ``mu'``.
 
     From ``x_0`` the error after ``b`` steps is ``M^b (x_0 - x*)``; ``b`` is chosen with
-    ``||M^b||_2 <= 1e-10`` and the offsets are ~1, so 1e-8 bounds it (ALGORITHMS §2.8.3).
+    ``||M^b||_2 <= 1e-10`` and the offsets are ~1, so 1e-8 bounds it.
     """
     A, mu, lam, prec, mu_post = posterior("2d")
     eta = 0.1 / np.linalg.eigvalsh(prec).max()

@@ -104,7 +104,7 @@ def test_sghmc_matches_nuts_predictive(reference) -> None:
         prior_precision=s["prior_precision"],
         generator=torch.Generator().manual_seed(0),
     )
-    collector = SampleCollector(net, burn_in=BURN_IN, thin=THIN)
+    collector = SampleCollector(net, burn_in=BURN_IN, thin=THIN, task="regression")
     loader = [(x, y)]  # the full data set as one batch: exact gradients
     for _ in range(STEPS):
         for xb, yb in loader:
@@ -112,7 +112,7 @@ def test_sghmc_matches_nuts_predictive(reference) -> None:
             nr.mean_loss(net(xb), yb, s["noise_std"]).backward()
             opt.step()
             collector.update()
-    post = collector.posterior(x_test, task="regression")
+    post = collector.posterior(x_test)
     f = post.samples.squeeze(-1)  # (S, n_test)
     sg = nr.moments_with_errors(f.unsqueeze(0))
 

@@ -1,4 +1,4 @@
-"""CyclicalSchedule: exact learning rates, phases and cycle ends (ALGORITHMS.md §2.4, §2.8.5).
+"""CyclicalSchedule: exact learning rates, phases and cycle ends (Zhang et al. 2020, eq. 1).
 
 All values are closed-form (``lr0 / 2 (cos(pi r) + 1)`` in float64), so the comparisons are to
 1e-12 relative; phases, cycle ends and parameter trajectories are compared exactly.

@@ -153,8 +153,9 @@ def test_fan_in_prior_precisions_per_layer(blobs):
     model = SGMCMCClassifier(**{**TINY, "hidden_sizes": (8, 4), "prior_weight_variance": 4.0})
     model.fit(X, y)
     expected = [2 / 4.0, 1.0, 8 / 4.0, 1.0, 4 / 4.0, 1.0]  # (2->8), (8->4), (4->3)
-    assert _prior_precisions(model.model_, "fan_in", 4.0) == expected
-    assert _prior_precisions(model.model_, 0.5, 4.0) == [0.5] * 6
+    net = model.model_.model.model  # TransformedModel -> SampleCollector -> network
+    assert _prior_precisions(net, "fan_in", 4.0) == expected
+    assert _prior_precisions(net, 0.5, 4.0) == [0.5] * 6
 
 
 def test_fan_in_and_isotropic_priors_differ_only_through_the_prior(blobs):

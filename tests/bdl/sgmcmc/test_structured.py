@@ -339,3 +339,34 @@ def test_load_state_dict_rejects_other_layouts() -> None:
         run_structured(make_net(), 0, groups="layer", buffer_size=4).load_state_dict(state)
     with pytest.raises(ValueError, match="missing"):
         run_structured(make_net(), 0, groups="layer", buffer_size=3).load_state_dict({})
+
+
+def test_posterior_averages_over_the_buffered_states() -> None:
+    # the buffer's rows are the chain's states of the grouped parameters (here the first
+    # layer); the second layer is held fixed at its current value. The posterior is the
+    # average of the softmax over the rows, each put into a copy of the network.
+    import copy
+
+    net = make_net()
+    s = run_structured(net, 5, groups=[["0.weight"], ["0.bias"]], buffer_size=4)
+    x = torch.randn(6, 5)
+    post = s.posterior(x)
+    probs = []
+    for row in s.buffer.samples:
+        m = copy.deepcopy(net)
+        torch.nn.utils.vector_to_parameters(row, [m[0].weight, m[0].bias])
+        with torch.no_grad():
+            probs.append(torch.softmax(m(x), -1))
+    ref = torch.stack(probs)
+    torch.testing.assert_close(post.prob_samples, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(post.probs, ref.mean(0), atol=1e-6, rtol=0)
+    assert s.num_outputs == 3 and s.batch_shape == torch.Size([])
+    x64 = x.double().requires_grad_(True)
+    assert s.posterior(x64).probs.dtype == torch.float64
+    (grad,) = torch.autograd.grad(s.posterior(x64).probs[:, 0].sum(), x64)
+    assert grad.shape == x64.shape
+    regression = StructuredSampler(
+        make_net(), num_data=N, lr=LR, task="regression", noise_variance=0.5
+    )
+    noisy = regression.posterior(x, observation_noise=True)
+    torch.testing.assert_close(noisy.variance, regression.posterior(x).variance + 0.5)

@@ -99,7 +99,7 @@ def test_posterior_equals_textbook_formulas(observation_noise: bool) -> None:
     Xs = torch.rand(7, 2, dtype=DT) * 3
     model.set_data(X, y)
     with torch.no_grad():
-        post = model.posterior(Xs, observation_noise=observation_noise)
+        post = model.posterior(Xs, observation_noise=observation_noise, joint=True)
         marg = model.posterior(Xs, observation_noise=observation_noise, joint=False)
         K = model.kernel(X).to_dense() + model.noise * torch.eye(40, dtype=DT)
         Ksx, Kss = model.kernel(Xs, X).to_dense(), model.kernel(Xs).to_dense()
@@ -126,7 +126,7 @@ def test_posterior_is_differentiable_in_hyperparameters() -> None:
 
 
 def test_jitter_escalation_on_singular_kernel_warns_and_stays_finite() -> None:
-    model = ExactGP(RBFKernel(), noise=1e-18).to(DT)
+    model = ExactGP(RBFKernel(), noise=1e-18, noise_lower_bound=0.0).to(DT)
     x = torch.linspace(0, 1, 40, dtype=DT)
     X = torch.cat([x, x, x]).unsqueeze(-1)  # duplicated inputs: rank-deficient kernel
     y = torch.sin(X.squeeze(-1))
@@ -137,7 +137,7 @@ def test_jitter_escalation_on_singular_kernel_warns_and_stays_finite() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.set_data(X, y)
     with pytest.warns(JitterWarning):
-        post = model.posterior(x[:5])
+        post = model.posterior(x[:5], joint=True)
     assert torch.isfinite(post.mean).all() and torch.isfinite(post.covariance_matrix).all()
 
 
@@ -154,12 +154,12 @@ def test_bad_input_raises_value_error_naming_the_argument() -> None:
         model.set_data(X, bad_y)
     with pytest.raises(ValueError, match="y has shape"):
         model.log_marginal_likelihood(X, y[:-1])
-    with pytest.raises(ValueError, match="X is empty"):
+    with pytest.raises(ValueError, match=r"X must have shape \(\.\.\., n, d\) with n >= 1"):
         model.set_data(torch.zeros(0, 2, dtype=DT), torch.zeros(0, dtype=DT))
     model.set_data(X, y)
-    with pytest.raises(ValueError, match="Xs has 3 input dimensions"):
+    with pytest.raises(ValueError, match="X has 3 input dimensions"):
         model.posterior(torch.zeros(4, 3, dtype=DT))
-    with pytest.raises(ValueError, match="Xs contains NaN"):
+    with pytest.raises(ValueError, match="X contains NaN"):
         model.posterior(torch.full((2, 2), float("nan"), dtype=DT))
     with pytest.raises(ValueError, match="noise"):
         ExactGP(RBFKernel(), noise=-1.0)
@@ -185,7 +185,7 @@ def test_batch_of_three_equals_three_separate_gps() -> None:
     assert lml.shape == (3,)
     lml.sum().backward()
     batched.set_data(X, y)
-    post = batched.posterior(Xs)
+    post = batched.posterior(Xs, joint=True)
     assert post.mean.shape == (3, 6, 1) and post.covariance_matrix.shape == (3, 6, 6)
     marg = batched.posterior(Xs, joint=False, observation_noise=True)
     for i in range(3):
@@ -206,7 +206,7 @@ def test_batch_of_three_equals_three_separate_gps() -> None:
         )
         torch.testing.assert_close(batched.raw_noise.grad[i], single.raw_noise.grad)
         single.set_data(X[i], y[i])
-        p1 = single.posterior(Xs[i])
+        p1 = single.posterior(Xs[i], joint=True)
         torch.testing.assert_close(post.mean[i], p1.mean)
         torch.testing.assert_close(post.covariance_matrix[i], p1.covariance_matrix)
         p2 = single.posterior(Xs[i], joint=False, observation_noise=True)
@@ -251,5 +251,65 @@ def test_float32_is_finite_and_close_to_float64() -> None:
     l32.backward()
     assert all(torch.isfinite(p.grad).all() for p in m32.parameters())
     m32.set_data(X64.float(), y64.float())
-    post = m32.posterior(torch.linspace(0, 3, 11).unsqueeze(-1))
+    post = m32.posterior(torch.linspace(0, 3, 11).unsqueeze(-1), joint=True)
     assert post.dtype == torch.float32 and torch.isfinite(post.covariance_matrix).all()
+
+
+# ------------------------------------------------------------------ model protocol (bdl.core)
+def test_fit_is_type_ii_maximum_likelihood_with_history() -> None:
+    X, y = _data(40)
+    model = _model()
+    before = float(model.log_marginal_likelihood(X, y))
+    assert model.fit((X, y), max_iter=30) is model
+    after = float(model.log_marginal_likelihood())
+    assert after > before
+    assert model.history_[0] == pytest.approx(-before) and model.history_[-1] == pytest.approx(
+        -after
+    )
+    adam = _model().fit((X, y), optimizer="adam", epochs=5)
+    assert len(adam.history_) == 6
+    with pytest.raises(ValueError, match="batch_size"):
+        model.fit(batch_size=10)
+    with pytest.raises(ValueError, match="epochs or max_iter"):
+        model.fit(epochs=3, max_iter=4)
+
+
+def test_noise_has_a_gpytorch_lower_bound() -> None:
+    from gpytorch.constraints import GreaterThan
+
+    from gp.likelihoods import NOISE_LOWER_BOUND
+
+    model = ExactGP(RBFKernel())
+    assert isinstance(model.raw_noise_constraint, GreaterThan)
+    assert model.noise_lower_bound == pytest.approx(NOISE_LOWER_BOUND)
+    with torch.no_grad():
+        model.raw_noise.fill_(-1e3)  # as far down as the optimiser could push it
+    assert float(model.noise) == pytest.approx(NOISE_LOWER_BOUND)
+    with pytest.raises(ValueError, match="noise_lower_bound"):
+        model.noise = 1e-9
+    loose = ExactGP(RBFKernel(), noise=1e-9, noise_lower_bound=1e-12).to(DT)
+    assert float(loose.noise) == pytest.approx(1e-9, rel=1e-6)
+    with pytest.raises(ValueError, match="noise_lower_bound"):
+        ExactGP(RBFKernel(), noise_lower_bound=-1.0)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_posterior_follows_the_dtype_of_x_and_is_differentiable_in_x(joint: bool) -> None:
+    model = _model()
+    X, y = _data(30)
+    model.set_data(X, y)
+    assert model.num_outputs == 1 and model.batch_shape == torch.Size([])
+    Xs = torch.rand(2, 3, 2, dtype=DT)
+    post32 = model.posterior(Xs.float(), joint=joint)
+    post64 = model.posterior(Xs, joint=joint)
+    assert post32.dtype == torch.float32 and post64.dtype == DT
+    assert post64.mean.shape == (2, 3, 1)
+    torch.testing.assert_close(post32.mean, post64.mean.float())
+
+    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = model.posterior(x, joint=joint, observation_noise=True)
+        return post.mean, post.variance
+
+    assert torch.autograd.gradcheck(moments, (Xs.clone().requires_grad_(True),))
+    with pytest.raises(TypeError):
+        model.posterior(Xs, True)

@@ -67,7 +67,7 @@ def _optimal_q_step(model: SVGP, X: torch.Tensor, y: torch.Tensor) -> None:
     """One full-batch natural-gradient step with lr 1 on q(v), hyperparameters frozen."""
     for p in model.hyperparameters():
         p.requires_grad_(False)
-    model.fit(X, y, epochs=1, batch_size=X.shape[0], ngd_lr=1.0, progress=False)
+    model.fit((X, y), epochs=1, batch_size=X.shape[0], ngd_lr=1.0, seed=0)
 
 
 # ------------------------------------------------------------------ against gpytorch itself
@@ -84,7 +84,7 @@ def test_elbo_and_gradients_equal_gpytorch_variational_elbo(natural):
     ref = copy.deepcopy(model)
     n = X.shape[0]
     idx = torch.arange(0, n, 3)  # a minibatch of 20 of the 60 points
-    ours = model.elbo(X[idx], y[idx], num_data=n)
+    ours = model.elbo(X[idx], y[idx], num_data=n) * n  # elbo is per datum: ELBO / N
     mll = gpytorch.mlls.VariationalELBO(ref.likelihood, ref.gp, num_data=n)
     theirs = mll(ref.gp(X[idx]), y[idx]) * n
     assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-10)
@@ -123,7 +123,7 @@ def test_optimal_q_elbo_equals_titsias_collapsed_bound():
         model.gp.mean_module.constant.fill_(c)
     _optimal_q_step(model, X, y)
     bound = _titsias_bound(model.kernel, X, Z, y, float(model.noise), c)
-    elbo = model.elbo(X, y).item()
+    elbo = X.shape[0] * model.elbo(X, y).item()  # elbo is per datum: ELBO / N
     assert abs(elbo - bound) < 1e-8 * max(1.0, abs(bound))
     # the step landed on the analytic optimum S = (I + A A^T / s2)^-1, m = S A (y - c) / s2
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_optimal_q_elbo_equals_titsias_collapsed_bound():
     assert torch.allclose(R @ R.mT, S, atol=1e-9)
     # any other q(v) gives a lower ELBO
     _perturb_q(model, seed=3)
-    assert model.elbo(X, y).item() < bound
+    assert X.shape[0] * model.elbo(X, y).item() < bound
 
 
 def test_inducing_points_at_data_recover_exact_gp_posterior():
@@ -165,7 +165,8 @@ def test_inducing_points_at_data_recover_exact_gp_posterior():
     assert torch.allclose(noisy.variance, ref_noisy.variance, atol=1e-6)
     # the collapsed bound at Z = X is the exact log marginal likelihood minus 0 trace term
     with torch.no_grad():
-        assert abs(model.elbo(X, y).item() - float(exact.log_marginal_likelihood())) < 1e-6
+        elbo = X.shape[0] * model.elbo(X, y).item()  # elbo is per datum: ELBO / N
+        assert abs(elbo - float(exact.log_marginal_likelihood())) < 1e-6
 
 
 # ------------------------------------------------------------------ other likelihoods
@@ -184,7 +185,7 @@ def _fit_and_check_elbo(model: SVGP, X, y, epochs: int = 20) -> None:
     with gpytorch.settings.num_likelihood_samples(256):
         torch.manual_seed(0)
         before = model.elbo(X, y).item()
-        model.fit(X, y, epochs=epochs, batch_size=80, lr=0.05, progress=False)
+        model.fit((X, y), epochs=epochs, batch_size=80, lr=0.05, seed=0)
         torch.manual_seed(0)
         after = model.elbo(X, y).item()
     assert math.isfinite(before) and math.isfinite(after)
@@ -238,7 +239,7 @@ def test_softmax_elbo_and_posterior_agree_with_gpytorch_model():
         mll = gpytorch.mlls.VariationalELBO(model.likelihood, model.gp, num_data=50)
         theirs = (mll(model.gp(X), y) * 50).item()
         torch.manual_seed(2)
-        ours = model.elbo(X, y).item()
+        ours = 50 * model.elbo(X, y).item()  # elbo is per datum: ELBO / N
     assert abs(ours - theirs) < 0.5
 
 
@@ -277,7 +278,7 @@ def test_gpytorch_likelihood_object_is_accepted():
 def test_float32_is_finite_and_close_to_float64():
     X, y = _data(n=200, d=3)
     model64 = SVGP.from_data(X, y, 32, jitter=1e-6)  # same jitter in both dtypes
-    model64.fit(X, y, epochs=3, batch_size=50, progress=False)
+    model64.fit((X, y), epochs=3, batch_size=50, seed=0)
     model32 = copy.deepcopy(model64).float()
     X32, y32 = X.float(), y.float()
     with torch.no_grad():
@@ -287,7 +288,7 @@ def test_float32_is_finite_and_close_to_float64():
     assert p32.mean.dtype == torch.float32
     assert torch.allclose(p32.mean.double(), p64.mean, atol=1e-3)
     assert torch.allclose(p32.variance.double(), p64.variance, atol=1e-3)
-    history = model32.fit(X32, y32, epochs=2, batch_size=50, progress=False)
+    history = model32.fit((X32, y32), epochs=2, batch_size=50, seed=0).history_
     assert all(math.isfinite(h) for h in history)
 
 
@@ -311,8 +312,8 @@ def test_batch_equals_separate_models():
 
     singles = [_slice_model(batched, b, make) for b in range(2)]
     for model, Xb, yb in zip(singles, (X0, X1), (y0, y1), strict=True):
-        model.fit(Xb, yb, epochs=3, batch_size=16, progress=False)
-    batched.fit(X, y, epochs=3, batch_size=16, progress=False)
+        model.fit((Xb, yb), epochs=3, batch_size=16, seed=0)
+    batched.fit((X, y), epochs=3, batch_size=16, seed=0)
     with torch.no_grad():
         elbo = batched.elbo(X, y)
         post = batched.posterior(X[:, :5], joint=True)
@@ -329,7 +330,7 @@ def test_batch_equals_separate_models():
 def test_state_dict_round_trip():
     X, y = _data()
     model = SVGP.from_data(X, y, 10)
-    model.fit(X, y, epochs=2, batch_size=20, progress=False)
+    model.fit((X, y), epochs=2, batch_size=20, seed=0)
     clone = SVGP(ScaleKernel(RBFKernel(ard_num_dims=2)), torch.zeros(10, 2, dtype=DT))
     assert all(p.dtype == DT for p in clone.parameters())  # follows the inducing points
     clone.load_state_dict(model.state_dict())
@@ -342,7 +343,7 @@ def test_state_dict_round_trip():
 def test_chunked_predictions_equal_unchunked(monkeypatch):
     X, y = _data()
     model = SVGP.from_data(X, y, 10)
-    model.fit(X, y, epochs=1, batch_size=20, progress=False)
+    model.fit((X, y), epochs=1, batch_size=20, seed=0)
     with torch.no_grad():
         whole = model.posterior(X)
         monkeypatch.setattr("gp.sparse.svgp.PREDICT_CHUNK", 7)
@@ -412,19 +413,19 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="observation_noise"):
         clf.posterior(X, observation_noise=True)
     with pytest.raises(ValueError, match="ngd_lr"):
-        model.fit(X, y, ngd_lr=2.0, progress=False)
+        model.fit((X, y), ngd_lr=2.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     X, y = _data()
     model = SVGP.from_data(X, y, 10)
-    model.fit(X, y, epochs=2, batch_size=20, progress=False)
+    model.fit((X, y), epochs=2, batch_size=20, seed=0)
     gpu = copy.deepcopy(model).cuda()
     with torch.no_grad():
         cpu_post, gpu_post = model.posterior(X[:5]), gpu.posterior(X[:5].cuda())
         assert torch.allclose(gpu.elbo(X.cuda(), y.cuda()).cpu(), model.elbo(X, y), rtol=1e-8)
     assert torch.allclose(gpu_post.mean.cpu(), cpu_post.mean, atol=1e-8)
     assert torch.allclose(gpu_post.variance.cpu(), cpu_post.variance, atol=1e-8)
-    history = gpu.fit(X.cuda(), y.cuda(), epochs=1, batch_size=20, progress=False)
+    history = gpu.fit((X.cuda(), y.cuda()), epochs=1, batch_size=20, seed=0).history_
     assert all(math.isfinite(h) for h in history)

@@ -88,7 +88,7 @@ def test_posterior_equals_a_loop(method: str, per_series: bool, shared_new: bool
     # between, at, before and after the data; per series or shared
     t_new = torch.rand(B, 7, generator=g, dtype=DT) * 9 - 1.5
     t_new[:, 0] = _rows(t, 0)[4] if per_series else t[4]
-    t_new = t_new[0] if shared_new else t_new
+    t_new = t_new[0] if shared_new else t_new.unsqueeze(-1)  # (n,) or (B, n, 1)
     post = model.set_data(t, y).posterior(t_new, observation_noise=True)
     assert isinstance(post, StateSpacePosterior)
     assert post.mean.shape == post.variance.shape == (B, 7, 1)
@@ -159,5 +159,7 @@ def test_bad_batch_shapes_raise() -> None:
     with pytest.raises(ValueError, match="batch shape"):
         model.log_marginal_likelihood(t[:3], y)
     model.set_data(t, y)
-    with pytest.raises(ValueError, match="t_new must have shape"):
+    with pytest.raises(ValueError, match="X must have 1 input dimensions"):
         model.posterior(torch.zeros(3, 5, dtype=DT))
+    with pytest.raises(ValueError, match="X must have shape"):  # batch 3 against the data's 4
+        model.posterior(torch.zeros(3, 5, 1, dtype=DT))

@@ -127,13 +127,13 @@ def test_batched_draws_match_each_series(method: str) -> None:
     model = StateSpaceGP(_matern_sum(), noise=NOISE, method=method).to(DT)
     (t0, y0), (t1, y1) = _data(seed=0), _data(seed=1)
     t, y = torch.stack([t0, t1]), torch.stack([y0, y1])  # per-series times
-    t_new = torch.stack([T_NEW, T_NEW.flip(0) + 0.3])
+    t_new = torch.stack([T_NEW, T_NEW.flip(0) + 0.3]).unsqueeze(-1)  # (2, n_new, 1)
     post = model.set_data(t, y).posterior(t_new)
     assert post.base_sample_shape == (2, 20 + len(T_NEW), 3 + 1)
     draws = post.rsample(torch.Size([S]), generator=torch.Generator().manual_seed(3))
     assert draws.shape == (S, 2, len(T_NEW), 1)
     for b, (tb, yb) in enumerate([(t0, y0), (t1, y1)]):
-        mean, cov = _dense(model, tb, yb, t_new[b])
+        mean, cov = _dense(model, tb, yb, t_new[b, :, 0])
         _assert_moments(draws[:, b, :, 0], mean, cov)
         torch.testing.assert_close(post.covariance_matrix[b], cov, rtol=1e-8, atol=1e-8)
         # per-time marginals of the draws are the RTS smoother's

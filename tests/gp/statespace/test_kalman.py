@@ -1,4 +1,4 @@
-"""Kalman filter / RTS smoother against the dense GP (ALGORITHMS.md §6.3, §6.8.2, §6.8.5).
+"""Kalman filter / RTS smoother against the dense GP (LML, posterior moments, gradients).
 
 Everything exact is compared in float64: the Kalman recursions and the Cholesky-based dense
 GP agree to rounding (observed ~1e-13 relative), so the tests claim 1e-8 relative (1e-8

@@ -32,7 +32,7 @@ def test_public_names() -> None:
 
 
 def test_noise_parameterisation() -> None:
-    model = StateSpaceGP(MaternKernel(nu=0.5), noise=0.25)
+    model = StateSpaceGP(MaternKernel(nu=0.5), noise=0.25, noise_lower_bound=1e-8)
     assert math.isclose(model.noise.item(), 0.25, rel_tol=1e-6)
     assert {name for name, _ in model.named_parameters()} == {
         "raw_noise",
@@ -131,9 +131,9 @@ def test_only_one_of_t_and_y_raises() -> None:
 @pytest.mark.parametrize(
     "t_new, pattern",
     [
-        (torch.tensor([1.0, float("nan")], dtype=DT), "t_new contains NaN"),
-        (torch.zeros(2, 2, dtype=DT), "t_new must have shape"),
-        (torch.zeros(0, dtype=DT), "t_new is empty"),
+        (torch.tensor([1.0, float("nan")], dtype=DT), "X contains NaN"),
+        (torch.zeros(2, 2, dtype=DT), "X must have 1 input dimensions"),
+        (torch.zeros(0, dtype=DT), r"X must have shape \(\.\.\., n, d\) with n >= 1"),
     ],
 )
 def test_bad_prediction_times_raise(t_new: torch.Tensor, pattern: str) -> None:

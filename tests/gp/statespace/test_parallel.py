@@ -1,4 +1,4 @@
-"""Parallel-in-time filter/smoother against the sequential one (ALGORITHMS.md §6.4, §6.8.3).
+"""Parallel-in-time filter/smoother against the sequential one (Särkkä & García-Fernández 2021).
 
 In float64 the associative scan and the sequential recursions agree to rounding, so the tests
 claim 1e-8 relative on the LML and posterior moments and 1e-6 relative on gradients (the
@@ -232,12 +232,16 @@ def test_model_method_argument() -> None:
 
 def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     import gp.statespace.model as model_module
+    import gp.statespace.smoothing as smoothing_module
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("forbidden path used")
 
     for name in names:
-        monkeypatch.setattr(model_module, name, fail)
+        modules = [m for m in (model_module, smoothing_module) if hasattr(m, name)]
+        assert modules, name
+        for module in modules:
+            monkeypatch.setattr(module, name, fail)
 
 
 def test_auto_uses_the_compiled_lml_on_cpu_when_numba_is_there(

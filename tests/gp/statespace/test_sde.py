@@ -1,4 +1,4 @@
-"""Kernel -> SDE conversion and exact discretisation (ALGORITHMS.md §6.1, §6.2, §6.8.1).
+"""Kernel -> SDE conversion and exact discretisation (Hartikainen & Särkkä 2010).
 
 Tolerances: the closed forms are exact, so float64 reconstructions of ``k(tau)`` agree to
 rounding (observed ~1e-15); the tests use 1e-10 absolute (kernel values are O(1)) and 1e-14

@@ -12,25 +12,16 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from bdl import CategoricalPosterior, GaussianPosterior, VBLLClassifier, VBLLRegressor
-from bdl.estimators import heldout_noise_variance
+from bdl.core import TransformedModel
+from bdl.lastlayer import VBLLNetwork
+from bdl.lastlayer.estimators import heldout_noise_variance
 
 TINY = dict(hidden_sizes=(16,), epochs=20, batch_size=16, random_state=0)
 
-# Checks that cannot pass, with the reason (scikit-learn lists them and expects them to fail).
-EXPECTED_FAILED = {
-    # float32 training: predictions on a sample differ at ~1e-7 depending on the batch it is in
-    "check_methods_subset_invariance": "float32 batched matmul: ~1e-7 differences",
-}
 
-
-def _expected_failed(estimator):
-    return EXPECTED_FAILED if isinstance(estimator, VBLLRegressor) else {}
-
-
-@parametrize_with_checks(
-    [VBLLRegressor(**TINY), VBLLClassifier(**TINY)],
-    expected_failed_checks=_expected_failed,
-)
+# Predictions are computed in float64 (the dtype of numpy queries), so every check passes,
+# check_methods_subset_invariance included (float32 predictions differed at ~1e-7 by batch).
+@parametrize_with_checks([VBLLRegressor(**TINY), VBLLClassifier(**TINY)])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 
@@ -83,7 +74,7 @@ def test_linear_regressor_equals_bayesian_linear_regression():
     X = rng.randn(200, 4)
     y = X @ np.array([1.0, -2.0, 0.5, 0.0]) + 0.3 * rng.randn(200)
     model = VBLLRegressor(hidden_sizes=(), random_state=0).fit(X, y)
-    head = model.model_.head
+    head = model.model_.model.head
     noise = float(head.noise_variance[0]) * y.std() ** 2
     xs = (X - X.mean(0)) / X.std(0)
     alpha = float(head.noise_variance[0]) / head.weights.prior_variance
@@ -218,3 +209,27 @@ def test_random_state_accepts_generators_and_integers(digits):
         VBLLClassifier(**{**TINY, "random_state": rs, "epochs": 1}).fit(
             X_train[:100], y_train[:100]
         )
+
+
+def test_model_is_a_vbll_network_behind_the_transforms(diabetes):
+    X_train, X_test, y_train, _ = diabetes
+    model = VBLLRegressor(**TINY).fit(X_train, y_train)
+    assert isinstance(model.model_, TransformedModel)
+    assert isinstance(model.model_.model, VBLLNetwork)
+    # joint posterior in the original units: its diagonal is the marginal variance
+    joint = model.posterior(X_test[:6], observation_noise=True, joint=True)
+    marginal = model.posterior(X_test[:6], observation_noise=True)
+    torch.testing.assert_close(joint.variance, marginal.variance)
+    draws = model.sample_y(X_test[:6], n_samples=4, random_state=0)
+    assert draws.shape == (6, 4) and np.isfinite(draws).all()
+    # a float32 tensor query is answered in float32, at the numbers of a float64 query
+    post32 = model.posterior(torch.as_tensor(X_test[:6], dtype=torch.float32))
+    assert post32.mean.dtype == torch.float32
+    torch.testing.assert_close(post32.mean, marginal.mean.float(), rtol=1e-5, atol=1e-3)
+
+
+def test_classifier_posterior_rejects_joint(digits):
+    X_train, X_test, y_train, _ = digits
+    model = VBLLClassifier(**{**TINY, "epochs": 1}).fit(X_train[:100], y_train[:100])
+    with pytest.raises(ValueError, match="joint"):
+        model.posterior(X_test[:3], joint=True)
