@@ -1,6 +1,6 @@
 """Shared pieces of the VBLL benchmarks: data, network, training loops, metrics and timing.
 
-Protocol (/work/shared/BENCHMARKS.md, "Bayesian deep learning"): 80/20 split with seed 0
+Protocol (the one every Bayesian-deep-learning benchmark here follows): 80/20 split with seed 0
 (stratified for classification), inputs standardised with training statistics, regression
 targets standardised too (RMSE and NLL in target standard deviations); a 2x128 ReLU MLP; Adam
 lr 1e-3 with weight decay 1e-4 on the body and on a plain head, 0 on Bayesian heads; digits

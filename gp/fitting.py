@@ -111,7 +111,8 @@ def fit_hyperparameters(
         with torch.enable_grad():
             if max_iter > 0 and optimizer == "lbfgs":
                 history = minimize_lbfgs(
-                    lambda: _objective(model), params, max_iter=math.ceil(1.25 * max_iter),
+                    lambda: _objective(model), params, max_iter=max_iter,
+                    max_eval=math.ceil(1.25 * max_iter),
                     lr=lr, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
                     verbose=verbose, desc="lbfgs",
                 )  # fmt: skip
@@ -145,7 +146,7 @@ class MarginalLikelihoodFit:
         verbose: bool = False,
         optimizer: str = "lbfgs",
         max_iter: int | None = None,
-    ):
+    ) -> MarginalLikelihoodFit:
         """Fit the hyperparameters by maximising the log marginal likelihood; returns self.
 
         Parameters

@@ -257,6 +257,7 @@ def minimize_lbfgs(
     params: Sequence[Tensor],
     *,
     max_iter: int = 500,
+    max_eval: int | None = None,
     lr: float = 1.0,
     tolerance_grad: float = 1e-9,
     tolerance_change: float = 1e-12,
@@ -272,7 +273,9 @@ def minimize_lbfgs(
     params : sequence of Tensor
         Parameters to optimise.
     max_iter : int
-        Maximum number of objective evaluations.
+        Maximum number of L-BFGS iterations.
+    max_eval : int, optional
+        Maximum number of objective evaluations (default ``max_iter``).
 
     Returns
     -------
@@ -284,11 +287,11 @@ def minimize_lbfgs(
     if not params or max_iter == 0:
         return history
     opt = torch.optim.LBFGS(
-        params, lr=lr, max_iter=max_iter, max_eval=max_iter,
+        params, lr=lr, max_iter=max_iter, max_eval=max_eval or max_iter,
         tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
         line_search_fn="strong_wolfe",
     )  # fmt: skip
-    with tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False) as bar:
+    with tqdm(total=max_eval or max_iter, desc=desc, disable=not verbose, leave=False) as bar:
 
         def closure() -> Tensor:
             opt.zero_grad(set_to_none=True)

@@ -68,6 +68,7 @@ class EstimatorCase:
     task: str = "regression"  # or "classification"
     joint: bool = True
     differentiable: bool = True
+    n_features: int = D
 
     def __str__(self) -> str:
         return self.name
@@ -77,7 +78,7 @@ class EstimatorCase:
             X, y = regression_data()
         else:
             X, y = classification_data()
-        return X.numpy(), y.numpy()
+        return X[:, : self.n_features].numpy(), y.numpy()
 
 
 def _collect(name: str) -> tuple[list[ModelCase], list[EstimatorCase]]:

@@ -10,6 +10,7 @@ from gp.exact import ExactGP
 from gp.exact.estimators import GPRegressor
 from gp.likelihoods import PoissonLikelihood
 from gp.statespace import StateSpaceGP
+from gp.statespace.estimators import StateSpaceGPRegressor
 
 
 def _exact(dtype: torch.dtype, fitted: bool = True) -> ExactGP:
@@ -68,4 +69,9 @@ MODEL_CASES = [
 
 ESTIMATOR_CASES = [
     EstimatorCase(name="GPRegressor", make=lambda: GPRegressor(max_iter=5, random_state=0)),
+    EstimatorCase(
+        name="StateSpaceGPRegressor",
+        make=lambda: StateSpaceGPRegressor(max_iter=5, random_state=0),
+        n_features=1,
+    ),
 ]
