@@ -6,8 +6,7 @@ Public names are imported lazily, on first use, so that ``import bdl`` stays che
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bdl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,16 +30,4 @@ _SUBMODULES = ("core", "lastlayer", "metrics", "nets", "posterior", "sgmcmc")
 __all__ = [*_LAZY, *_SUBMODULES]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"bdl.{name}")
-    else:
-        raise AttributeError(f"module 'bdl' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("bdl", _LAZY, _SUBMODULES, globals())

@@ -13,8 +13,7 @@ lazily, on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bdl._lazy import lazy_exports
 
 _LAZY = {
     "ExactGP": "gp.exact",
@@ -27,6 +26,7 @@ _LAZY = {
     "SparseGPClassifier": "gp.sparse.estimators",
     "SparseGPRegressor": "gp.sparse.estimators",
     "select_inducing_points": "gp.sparse",
+    "ClassProbabilities": "gp.sparse",
     "GaussianLikelihood": "gp.likelihoods",
     "BernoulliLikelihood": "gp.likelihoods",
     "BernoulliLogitLikelihood": "gp.likelihoods",
@@ -44,16 +44,4 @@ _SUBMODULES = ("exact", "fitting", "kernels", "likelihoods", "sparse", "statespa
 __all__ = [*_LAZY, *_SUBMODULES]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"gp.{name}")
-    else:
-        raise AttributeError(f"module 'gp' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("gp", _LAZY, _SUBMODULES, globals())
