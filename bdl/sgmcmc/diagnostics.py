@@ -31,7 +31,6 @@ from __future__ import annotations
 import numpy as np
 import pyro.ops.stats as pyro_stats
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 __all__ = ["effective_sample_size", "rhat"]
@@ -125,6 +124,8 @@ def _split(x: Tensor) -> Tensor:
 
 def _rank_normalise(x: Tensor) -> Tensor:
     """Normal scores ``Phi^{-1}((r - 3/8) / (N + 1/4))`` of the pooled average ranks ``r``."""
+    from scipy.stats import rankdata  # imported on use: scipy.stats is slow to import
+
     flat = x.reshape(-1, *x.shape[2:]).cpu().numpy()
     ranks = rankdata(flat, method="average", axis=0)
     n = flat.shape[0]

@@ -36,3 +36,10 @@ def test_public_names_resolve_lazily():
         assert getattr(gp, name) is not None
     with pytest.raises(AttributeError, match="no attribute"):
         bdl.NotAName  # noqa: B018
+
+
+@pytest.mark.parametrize("module", [*FAMILIES, "bdl.metrics"])
+def test_families_load_scikit_learn_only_with_their_estimators(module):
+    loaded = _loaded_after(f"import {module}")
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY or m.startswith(HEAVY))
+    assert heavy == [], f"import {module} loads {heavy[:5]}"
