@@ -105,25 +105,17 @@ def fit_hyperparameters(
     if not params:
         raise ValueError("model has no trainable parameters (none with requires_grad)")
     history: list[float] = []
-    was_training = model.training
-    model.train()
-    try:
-        with torch.enable_grad():
-            if max_iter > 0 and optimizer == "lbfgs":
-                history = minimize_lbfgs(
-                    lambda: _objective(model), params, max_iter=max_iter,
-                    max_eval=math.ceil(1.25 * max_iter),
-                    lr=lr, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-                    verbose=verbose, desc="lbfgs",
-                )  # fmt: skip
-            elif max_iter > 0:
-                history = train(
-                    lambda: _objective(model), torch.optim.Adam(params, lr=lr),
-                    lambda: [()], max_iter, batch_len=lambda _: 1, verbose=verbose,
-                    desc="adam",
-                )  # fmt: skip
-    finally:
-        model.train(was_training)
+    if max_iter > 0 and optimizer == "lbfgs":
+        history = minimize_lbfgs(
+            lambda: _objective(model), params, max_iter=max_iter,
+            max_eval=math.ceil(1.25 * max_iter), lr=lr, tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change, module=model, verbose=verbose, desc="lbfgs",
+        )  # fmt: skip
+    elif max_iter > 0:
+        history = train(
+            lambda: _objective(model), torch.optim.Adam(params, lr=lr), lambda: [()],
+            max_iter, batch_len=lambda _: 1, module=model, verbose=verbose, desc="adam",
+        )  # fmt: skip
     with torch.no_grad():
         history.append(float(_objective(model)))
     return history

@@ -27,7 +27,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
 
 from bdl.core.model import Model, TransformedModel
-from bdl.core.posterior import CategoricalPosterior, Posterior
+from bdl.core.posterior import CategoricalPosterior, Posterior, SamplePosterior
 from bdl.core.transforms import Normalize, Standardize
 from bdl.core.validation import check_int
 
@@ -105,7 +105,12 @@ class BayesianEstimator(BaseEstimator):
         random_state = getattr(self, "random_state", None)
         if isinstance(random_state, numbers.Integral):
             return int(random_state)
-        return int(check_random_state(random_state).randint(0, 2**31 - 1))
+        try:
+            return int(check_random_state(random_state).randint(0, 2**31 - 1))
+        except ValueError as err:
+            raise ValueError(
+                f"random_state must be None, an int or a numpy RandomState, got {random_state!r}"
+            ) from err
 
     def _resolve_device(self) -> torch.device:
         return resolve_device(getattr(self, "device", None))
@@ -153,13 +158,6 @@ class BayesianEstimator(BaseEstimator):
     def _inner(self) -> Model:
         """The fitted model in transformed units."""
         return self.model_.model
-
-    def _inputs(self, X: Any) -> Tensor:
-        """Validated new inputs, transformed, in the model's dtype and device (no grad)."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        x64 = torch.tensor(np.array(X, dtype=np.float64), device=self.device_)
-        return self._tensor(self.input_transform_(x64))
 
     def _as_query(self, X: Any) -> Tensor:
         """Inputs for :meth:`posterior`: a tensor keeps dtype, shape and graph; else float64."""
@@ -297,6 +295,9 @@ class BayesianRegressorMixin:
         rng = check_random_state(random_state)
         with torch.no_grad():
             post = self.posterior(X, observation_noise=True, joint=self._joint_samples)
+            if isinstance(post, SamplePosterior):  # a random member for every draw
+                members = rng.randint(post.num_samples, size=n_samples)
+                post = post.select(torch.as_tensor(members))
             shape = (n_samples, *post.base_sample_shape)
             base = torch.as_tensor(rng.standard_normal(shape), dtype=post.dtype, device=post.device)
             draws = post.rsample_from_base_samples(torch.Size([n_samples]), base)

@@ -59,9 +59,15 @@ class Model(ABC):
             Inputs with any leading batch shape; the posterior's dtype and device follow
             ``X``, and it is differentiable in ``X`` wherever the model is.
         observation_noise : bool, default False
-            Predictive of ``y = f + eps`` instead of the latent ``f`` (regression).
+            Predictive of ``y = f + eps`` instead of the latent ``f`` (regression). A
+            posterior over class labels already describes observations: the flag has no
+            effect there. A model whose posterior is over a latent ``f`` with a
+            non-Gaussian likelihood raises ``ValueError`` (the predictive of ``y`` is then
+            not of the returned kind).
         joint : bool, default False
-            A full joint covariance across the ``n`` points (where the model has one).
+            A full joint covariance across the ``n`` points. Models without a joint raise
+            ``ValueError``; sample-based posteriors are joint by construction (every draw
+            is a whole function) and accept it.
 
         Returns
         -------
@@ -118,6 +124,24 @@ class TransformedModel(nn.Module, Model):
     @property
     def num_outputs(self) -> int:
         return self.model.num_outputs
+
+    # A model that is not an nn.Module (e.g. an SG-MCMC sample collector) still moves with
+    # .to()/.cpu()/.double() (through its own _apply) and saves with state_dict (as extra
+    # state), so that the estimator around it pickles and round-trips like any module.
+    def _apply(self, fn: Any, recurse: bool = True) -> TransformedModel:
+        super()._apply(fn, recurse)
+        if not isinstance(self.model, nn.Module) and hasattr(self.model, "_apply"):
+            self.model._apply(fn)
+        return self
+
+    def get_extra_state(self) -> Any:
+        if isinstance(self.model, nn.Module) or not hasattr(self.model, "state_dict"):
+            return {}
+        return self.model.state_dict()
+
+    def set_extra_state(self, state: Any) -> None:
+        if state:
+            self.model.load_state_dict(state)
 
     @property
     def batch_shape(self) -> torch.Size:

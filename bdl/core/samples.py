@@ -70,6 +70,23 @@ class SamplePosterior(Posterior):
             cov = cov + torch.diag_embed(self.noise_variance.mean(0).flatten(-2))
         return cov
 
+    def select(self, index: Tensor) -> SamplePosterior:
+        """The mixture of the members ``index`` (a long tensor of shape (k,), repeats allowed).
+
+        With ``k`` members, ``rsample_from_base_samples`` over ``k`` draws uses member
+        ``index[j]`` for draw ``j``: pick ``index`` at random for random draws from seeded
+        base samples (as estimators' ``sample_y`` does).
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(
+                f"index must be a non-empty 1-D tensor, got shape {tuple(index.shape)}"
+            )
+        if bool(((index < 0) | (index >= self.num_samples)).any()):
+            raise ValueError(f"index holds members outside [0, {self.num_samples})")
+        noise = None if self.noise_variance is None else self.noise_variance[index]
+        return SamplePosterior(self.samples[index], noise_variance=noise)
+
     def affine(self, scale: Tensor | float, shift: Tensor | float = 0.0) -> SamplePosterior:
         """Mixture of ``scale * f_s + shift`` (noise variances scale by ``scale**2``)."""
         scale, shift = self._affine_args(scale, shift)

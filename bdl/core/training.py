@@ -11,6 +11,7 @@ smooth problems.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -22,10 +23,12 @@ from bdl.core.validation import check_int
 __all__ = [
     "EarlyStopping",
     "minimize_lbfgs",
+    "seeded",
     "seeded_generator",
     "shuffled_batches",
     "tensor_batches",
     "train",
+    "training_mode",
 ]
 
 
@@ -37,6 +40,35 @@ def seeded_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(int(seed))
     return generator
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device | str | None = None) -> Iterator[None]:
+    """Torch's global generators (CPU, and ``device`` if it is CUDA) seeded with ``seed``
+    inside the block and restored after it: draws inside (initialisations, dropout masks) are
+    reproducible and the caller's random state is untouched. ``seed=None``: no change."""
+    if seed is None:
+        yield
+        return
+    device = torch.device("cpu") if device is None else torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module | None, training: bool = True) -> Iterator[None]:
+    """``module`` and every submodule in train (or eval) mode, each flag restored after."""
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def shuffled_batches(
@@ -147,10 +179,14 @@ def train(
     grad_hook: Callable[[list[Tensor]], None] | None = None,
     end_of_epoch: Callable[[int, float], bool] | None = None,
     batch_len: Callable[[tuple[Tensor, ...]], int] | None = None,
+    module: nn.Module | None = None,
     verbose: bool = False,
     desc: str = "fit",
 ) -> list[float]:
     """Minimise a per-datum loss by minibatch stochastic optimisation.
+
+    Gradients are enabled for the duration (so it also runs inside ``torch.no_grad()``), and
+    ``module``, if given, is in train mode (every flag restored afterwards).
 
     Parameters
     ----------
@@ -179,6 +215,8 @@ def train(
         Number of data points in a batch, for the epoch's weighted mean loss (default: the
         first tensor's leading size; a batch of GPs with ``X (..., n, d)`` passes
         ``lambda b: b[0].shape[-2]``).
+    module : nn.Module, optional
+        Put in train mode for the duration.
     verbose : bool, default False
         Show a tqdm progress bar with the running loss.
     desc : str
@@ -200,35 +238,36 @@ def train(
     params = _params_of(optimizers)
     history: list[float] = []
     bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
-    for epoch in bar:
-        total, count, pending = None, 0, 0
-        for batch in batches():
-            if pending == 0:
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-            loss = loss_fn(*batch)
-            (loss / accumulate if accumulate > 1 else loss).backward()
-            pending += 1
-            if pending == accumulate:
+    with torch.enable_grad(), training_mode(module, True):
+        for epoch in bar:
+            total, count, pending = None, 0, 0
+            for batch in batches():
+                if pending == 0:
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                loss = loss_fn(*batch)
+                (loss / accumulate if accumulate > 1 else loss).backward()
+                pending += 1
+                if pending == accumulate:
+                    _step(optimizers, params, max_grad_norm, before_step, after_step, grad_hook)
+                    pending = 0
+                size = batch[0].shape[0] if batch_len is None else batch_len(batch)
+                weighted = loss.detach() * size
+                total = weighted if total is None else total + weighted
+                count += size
+            if pending:
                 _step(optimizers, params, max_grad_norm, before_step, after_step, grad_hook)
-                pending = 0
-            size = batch[0].shape[0] if batch_len is None else batch_len(batch)
-            weighted = loss.detach() * size
-            total = weighted if total is None else total + weighted
-            count += size
-        if pending:
-            _step(optimizers, params, max_grad_norm, before_step, after_step, grad_hook)
-        mean_loss = float(total) / max(count, 1) if total is not None else float("nan")
-        if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
-            raise RuntimeError(
-                f"the training loss became {mean_loss} in epoch {epoch}; lower the learning "
-                "rate or check the data for extreme values"
-            )
-        history.append(mean_loss)
-        if verbose:
-            bar.set_postfix(loss=f"{mean_loss:.4g}")
-        if end_of_epoch is not None and end_of_epoch(epoch, mean_loss):
-            break
+            mean_loss = float(total) / max(count, 1) if total is not None else float("nan")
+            if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
+                raise RuntimeError(
+                    f"the training loss became {mean_loss} in epoch {epoch}; lower the learning "
+                    "rate or check the data for extreme values"
+                )
+            history.append(mean_loss)
+            if verbose:
+                bar.set_postfix(loss=f"{mean_loss:.4g}")
+            if end_of_epoch is not None and end_of_epoch(epoch, mean_loss):
+                break
     return history
 
 
@@ -261,10 +300,13 @@ def minimize_lbfgs(
     lr: float = 1.0,
     tolerance_grad: float = 1e-9,
     tolerance_change: float = 1e-12,
+    module: nn.Module | None = None,
     verbose: bool = False,
     desc: str = "lbfgs",
 ) -> list[float]:
     """Full-batch L-BFGS with a strong-Wolfe line search on ``loss_fn()``.
+
+    Gradients are enabled for the duration; ``module``, if given, is in train mode.
 
     Parameters
     ----------
@@ -303,24 +345,6 @@ def minimize_lbfgs(
             bar.update(1)
             return loss
 
-        opt.step(closure)
+        with torch.enable_grad(), training_mode(module, True):
+            opt.step(closure)
     return history
-
-
-def train_epochs(
-    optimizer: torch.optim.Optimizer,
-    batches: Callable[[], Iterable[tuple[Tensor, ...]]],
-    loss_fn: Callable[..., Tensor],
-    epochs: int,
-    *,
-    max_grad_norm: float | None = 1.0,
-    desc: str = "fit",
-    verbose: bool = False,
-    end_of_epoch: Callable[[int], bool] | None = None,
-) -> list[float]:
-    """Transitional form of :func:`train` (one optimizer, clipping at 1 by default)."""
-    stop = None if end_of_epoch is None else (lambda epoch, _loss: end_of_epoch(epoch))
-    return train(
-        loss_fn, optimizer, batches, epochs, max_grad_norm=max_grad_norm,
-        end_of_epoch=stop, verbose=verbose, desc=desc,
-    )  # fmt: skip

@@ -55,6 +55,9 @@ def _as_matrix(values: Tensor, name: str) -> Tensor:
 class _Affine(nn.Module):
     """``z = (x - offset) / scale`` per column, with buffers ``offset`` and ``scale``."""
 
+    #: name of the transformed argument in error messages
+    _arg = "X"
+
     def __init__(self, width: int) -> None:
         super().__init__()
         # statistics kept in float64 whatever the default dtype (cast to the input on use)
@@ -73,13 +76,13 @@ class _Affine(nn.Module):
 
     def transform(self, values: Tensor) -> Tensor:
         """Map ``values`` of shape (..., k) to the transformed units."""
-        self._check_width(values, "values")
+        self._check_width(values, self._arg)
         offset, scale = self._params(values)
         return (values - offset) / scale
 
     def untransform(self, values: Tensor) -> Tensor:
         """Map transformed ``values`` of shape (..., k) back to the original units."""
-        self._check_width(values, "values")
+        self._check_width(values, self._arg)
         offset, scale = self._params(values)
         return values * scale + offset
 
@@ -138,6 +141,8 @@ class Standardize(_Affine):
         Number of outputs.
     """
 
+    _arg = "Y"
+
     def fit(self, Y: Tensor) -> Standardize:
         """Fit the output means and standard deviations to ``Y`` (n, m) or (n,); returns self."""
         Y = _as_matrix(Y, "Y")
@@ -149,6 +154,12 @@ class Standardize(_Affine):
 
     def untransform_posterior(self, posterior: Posterior) -> Posterior:
         """The posterior of ``y = std * z + mean`` given the posterior of ``z``."""
+        m = posterior.mean.shape[-1]
+        if m != self.offset.shape[0]:
+            raise ValueError(
+                f"posterior has {m} outputs but this Standardize was built for "
+                f"{self.offset.shape[0]}"
+            )
         offset, scale = self._params(posterior.mean)
         return posterior.affine(scale, offset)
 

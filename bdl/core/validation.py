@@ -27,6 +27,17 @@ def check_int(name: str, value: int, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_sizes(name: str, value: object) -> tuple[int, ...]:
+    """A sequence of positive integers (e.g. hidden-layer widths) as a tuple; None is ()."""
+    if value is None:
+        return ()
+    try:
+        sizes = tuple(value)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise ValueError(f"{name} must be a sequence of integers, got {value!r}") from err
+    return tuple(check_int(f"{name}[{i}]", h) for i, h in enumerate(sizes))
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -6,8 +6,6 @@ estimators go through :func:`train_head`, a thin layer over :func:`bdl.core.trai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,22 +15,10 @@ from bdl.core.training import seeded_generator, tensor_batches, train
 from bdl.core.validation import check_int, check_positive, check_same_length, check_tensor
 from bdl.lastlayer._dtype import module_dtype
 
-__all__ = ["HeadFitMixin", "check_pair", "train_head", "training_mode"]
+__all__ = ["HeadFitMixin", "check_pair", "train_head"]
 
 #: ``fit`` defaults of a head on fixed features: cheap epochs, a large step
 HEAD_EPOCHS, HEAD_LR, HEAD_BATCH_SIZE = 100, 1e-2, 128
-
-
-@contextmanager
-def training_mode(module: nn.Module, training: bool) -> Iterator[None]:
-    """Put ``module`` (and every submodule) in train/eval mode, restoring each flag afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def check_pair(data: Any, first: str = "features") -> tuple[Tensor, Tensor]:
@@ -73,11 +59,10 @@ def train_head(
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     batches = tensor_batches((features, y), batch_size, generator)
-    with torch.enable_grad(), training_mode(head, True):
-        return train(
-            head.loss, optimizer, batches, epochs,
-            max_grad_norm=max_grad_norm, verbose=verbose, desc=desc,
-        )  # fmt: skip
+    return train(
+        head.loss, optimizer, batches, epochs,
+        max_grad_norm=max_grad_norm, module=head, verbose=verbose, desc=desc,
+    )  # fmt: skip
 
 
 class HeadFitMixin:

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from bdl.core.estimator import BayesianClassifierMixin, BayesianEstimator, BayesianRegressorMixin
 from bdl.core.model import Model
-from bdl.core.training import minimize_lbfgs, seeded_generator
-from bdl.core.validation import check_choice, check_int, check_positive
+from bdl.core.training import minimize_lbfgs, seeded, seeded_generator
+from bdl.core.validation import check_choice, check_int, check_positive, check_sizes
 from bdl.lastlayer._fit import train_head
 from bdl.lastlayer.classification import VBLLClassification
 from bdl.lastlayer.generative import GenerativeVBLLClassification
@@ -60,10 +60,7 @@ class _VBLLEstimator(BayesianEstimator):
     """Parameter checks, network construction and joint training shared by both estimators."""
 
     def _check_common_params(self) -> None:
-        sizes = () if self.hidden_sizes is None else tuple(self.hidden_sizes)
-        for i, h in enumerate(sizes):
-            check_int(f"hidden_sizes[{i}]", h)
-        self.hidden_sizes_ = sizes
+        self.hidden_sizes_ = check_sizes("hidden_sizes", self.hidden_sizes)
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size)
         check_positive("lr", self.lr)
@@ -78,8 +75,7 @@ class _VBLLEstimator(BayesianEstimator):
 
     def _network(self, d: int, make_head: Callable[[int], nn.Module], seed: int) -> VBLLNetwork:
         """The MLP body and head, initialised from ``seed`` (the global RNG is left alone)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             body = make_mlp(d, self.hidden_sizes_)
             head = make_head(self.hidden_sizes_[-1] if self.hidden_sizes_ else d)
             return VBLLNetwork(body, head).to(device=self.device_, dtype=self.dtype_)

@@ -15,10 +15,16 @@ from torch import Tensor, nn
 
 from bdl.core.model import Model
 from bdl.core.posterior import Posterior
-from bdl.core.training import EarlyStopping, seeded_generator, tensor_batches, train
+from bdl.core.training import (
+    EarlyStopping,
+    seeded_generator,
+    tensor_batches,
+    train,
+    training_mode,
+)
 from bdl.core.validation import check_inputs, check_int, check_positive
 from bdl.lastlayer._dtype import module_dtype, posterior_in_input_dtype
-from bdl.lastlayer._fit import check_pair, training_mode
+from bdl.lastlayer._fit import check_pair
 
 __all__ = ["VBLLNetwork", "heldout_noise_variance", "train_network"]
 
@@ -154,17 +160,17 @@ def train_network(
         with training_mode(net, False), torch.no_grad():
             return stopper(validation(net))
 
-    with torch.enable_grad(), training_mode(net, True):
-        losses = train(
-            lambda xb, yb: net.head.loss(net.body(xb), yb),
-            optimizer,
-            tensor_batches((x, y), batch_size, generator),
-            epochs,
-            max_grad_norm=max_grad_norm,
-            end_of_epoch=end_of_epoch,
-            verbose=verbose,
-            desc="VBLL",
-        )
+    losses = train(
+        lambda xb, yb: net.head.loss(net.body(xb), yb),
+        optimizer,
+        tensor_batches((x, y), batch_size, generator),
+        epochs,
+        max_grad_norm=max_grad_norm,
+        end_of_epoch=end_of_epoch,
+        module=net,
+        verbose=verbose,
+        desc="VBLL",
+    )
     if stopper is not None:
         stopper.restore()
     return losses, stopper

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from bdl.core.model import Model
 from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
-from bdl.core.training import seeded_generator, train
+from bdl.core.training import seeded_generator, train, training_mode
 from bdl.core.validation import check_choice, check_int, check_positive, check_tensor
 from bdl.lastlayer._dtype import posterior_in_input_dtype
-from bdl.lastlayer._fit import train_head, training_mode
+from bdl.lastlayer._fit import train_head
 from bdl.lastlayer._wrap_utils import (
     Batch,
     batch_source,

@@ -25,6 +25,7 @@ With ``lr = eta * N`` the SGLD step is
   SGHMC on an MLP) whose defaults pick the step size with :func:`suggest_lr`.
 """
 
+from bdl._lazy import lazy_exports
 from bdl.sgmcmc._base import NonFiniteGradientError, SGMCMCOptimizer
 from bdl.sgmcmc.collector import SampleCollector
 from bdl.sgmcmc.diagnostics import effective_sample_size, rhat
@@ -36,15 +37,8 @@ from bdl.sgmcmc.sgld import SGLD
 from bdl.sgmcmc.stepsize import hessian_max_eigenvalue, initial_square_avg, suggest_lr
 from bdl.sgmcmc.structured import ChainBuffer, StructuredSampler
 
-_LAZY = {"SGMCMCClassifier", "SGMCMCRegressor"}  # import scikit-learn only when used
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        from bdl.sgmcmc import estimators
-
-        return getattr(estimators, name)
-    raise AttributeError(f"module 'bdl.sgmcmc' has no attribute {name!r}")
+# the estimators import scikit-learn: only when used
+_LAZY = {name: "bdl.sgmcmc.estimators" for name in ("SGMCMCClassifier", "SGMCMCRegressor")}
 
 
 __all__ = [
@@ -69,3 +63,5 @@ __all__ = [
     "hessian_max_eigenvalue",
     "initial_square_avg",
 ]
+
+__getattr__, __dir__ = lazy_exports("bdl.sgmcmc", _LAZY, (), globals())

@@ -19,7 +19,7 @@ keeps its own.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -204,6 +204,18 @@ class SampleCollector(SamplePredictive):
         buffers = _flatten(self._buffers, self.dtype, self.device)
         self._store.append((params, buffers))
         self.num_collected += 1
+
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> SampleCollector:
+        """Apply ``fn`` to the network and every stored sample, as ``nn.Module._apply`` does
+        (so that a :class:`~bdl.core.model.TransformedModel` around the collector moves it
+        with ``.to(...)``, ``.cpu()`` or ``.double()``)."""
+        self.model._apply(fn)
+        self._store = collections.deque(
+            ((fn(p), fn(b)) for p, b in self._store), maxlen=self._store.maxlen
+        )
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        self.dtype, self.device = probe.dtype, probe.device
+        return self
 
     def __len__(self) -> int:
         return len(self._store)

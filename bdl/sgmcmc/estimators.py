@@ -24,8 +24,8 @@ from sklearn.base import ClassifierMixin, RegressorMixin
 from torch import Tensor, nn
 
 from bdl.core.estimator import BayesianClassifierMixin, BayesianEstimator, BayesianRegressorMixin
-from bdl.core.training import tensor_batches, train
-from bdl.core.validation import check_choice, check_int, check_positive
+from bdl.core.training import seeded, tensor_batches, train
+from bdl.core.validation import check_choice, check_int, check_positive, check_sizes
 from bdl.sgmcmc._base import _check_real
 from bdl.sgmcmc._recipe import (
     NOISE_PRIOR_PRECISION,
@@ -43,7 +43,6 @@ from bdl.sgmcmc.schedule import CyclicalSchedule
 __all__ = ["SGMCMCClassifier", "SGMCMCRegressor"]
 
 # the helper's old private name (kept for callers of the fan-in prior)
-_prior_precisions = prior_precisions
 
 _PARAMS_DOC = """
     hidden_sizes : sequence of int
@@ -135,10 +134,7 @@ class _SGMCMCEstimator(BayesianEstimator):
         self.verbose = verbose
 
     def _check_params(self) -> None:
-        sizes = () if self.hidden_sizes is None else tuple(self.hidden_sizes)
-        for i, h in enumerate(sizes):
-            check_int(f"hidden_sizes[{i}]", h)
-        self.hidden_sizes_ = sizes
+        self.hidden_sizes_ = check_sizes("hidden_sizes", self.hidden_sizes)
         check_choice("sampler", self.sampler, SAMPLERS)
         if self.lr is not None:
             check_positive("lr", self.lr)
@@ -158,8 +154,7 @@ class _SGMCMCEstimator(BayesianEstimator):
 
     def _network(self, in_features: int, out_features: int, seed: int) -> nn.Sequential:
         """The MLP, initialised from ``seed`` (the global RNG is left as it was)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             net = network(in_features, self.hidden_sizes_, out_features)
         return net.to(device=self.device_, dtype=self.dtype_)
 
@@ -210,11 +205,10 @@ class _SGMCMCEstimator(BayesianEstimator):
             chain.update()  # before schedule.step(): the phase of the step just taken
             schedule.step()
 
-        model.train()
         self.loss_curve_ = train(
             lambda xb, yb: loss_fn(model(xb), yb), opt, tensor_batches((x, y), batch, generator),
             self.epochs, before_step=None if lr_scale is None else before_step,
-            after_step=after_step, verbose=self.verbose, desc=type(self).__name__,
+            after_step=after_step, module=model, verbose=self.verbose, desc=type(self).__name__,
         )  # fmt: skip
         model.eval()
         collector = SampleCollector(model, **predictive)

@@ -296,6 +296,13 @@ class StructuredSampler(SamplePredictive):
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar tensor (the mean minibatch loss)")
 
+    def _apply(self, fn: Callable[[Tensor], Tensor]) -> StructuredSampler:
+        """Apply ``fn`` to the network and the buffered states (as ``nn.Module._apply``); the
+        optimizer's state is not moved (the sampler is for predicting after a move)."""
+        self.model._apply(fn)
+        self.buffer.data = fn(self.buffer.data)
+        return self
+
     def clear_buffer(self) -> None:
         """Forget the stored samples (e.g. the burn-in transient) and store the current one."""
         self.buffer.reset()

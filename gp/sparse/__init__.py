@@ -6,9 +6,7 @@ imported on first use, so that importing the models does not load scikit-learn.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from bdl._lazy import lazy_exports
 from gp.likelihoods import PoissonLikelihood, make_likelihood
 
 from .classification import ClassProbabilities
@@ -31,13 +29,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gp.sparse' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("gp.sparse", _LAZY, (), globals())

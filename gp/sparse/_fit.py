@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from bdl.core.training import seeded_generator, tensor_batches, train
+from bdl.core.training import seeded, seeded_generator, tensor_batches, train
+
+#: torch's global generators seeded inside a block (see :func:`bdl.core.training.seeded`)
+seeded_global_rng = seeded
 
 __all__ = ["fit_minibatches", "seeded_global_rng", "unpack_data"]
 
@@ -66,16 +68,10 @@ def fit_minibatches(
         steps.append(loss.detach())
         return loss
 
-    was_training = module.training
-    module.train()
-    try:
-        with torch.enable_grad():
-            history = train(
-                step_loss, list(optimizers), batches, epochs,
-                batch_len=lambda batch: batch[0].shape[-2], verbose=verbose, desc=desc,
-            )  # fmt: skip
-    finally:
-        module.train(was_training)
+    history = train(
+        step_loss, list(optimizers), batches, epochs,
+        batch_len=lambda batch: batch[0].shape[-2], module=module, verbose=verbose, desc=desc,
+    )  # fmt: skip
     step_losses = torch.stack(steps).tolist() if steps else []
     return history, step_losses
 
@@ -85,17 +81,3 @@ def unpack_data(data: object) -> tuple[Tensor, Tensor]:
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"data must be a tuple (X, y) of tensors, got {type(data).__name__}")
     return data[0], data[1]
-
-
-@contextlib.contextmanager
-def seeded_global_rng(seed: int | None, device: torch.device) -> Iterator[None]:
-    """With a ``seed``: torch's global generators (CPU and ``device``) seeded inside and
-    restored after, so that draws inside are reproducible and the caller's random state is
-    untouched. Without one: nothing changes."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield

@@ -1,5 +1,6 @@
-"""Whitened moments of an SVGP: ``q(v)``, the marginals and joint of ``q(f)``, the KL term
-and the expected log-likelihood (a mixin of :class:`gp.sparse.svgp.SVGP`)."""
+"""Whitened moments of an SVGP: ``q(v)``, the marginals and joint of ``q(f)`` (the
+posterior), the KL term, the expected log-likelihood and the per-datum ELBO (a mixin of
+:class:`gp.sparse.svgp.SVGP`)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from bdl.core.posterior import GaussianPosterior
 from gp.sparse._svgp_parts import interleave_blocks
 from gp.sparse._whitened import whitened_marginal_updates
 
-__all__ = ["WhitenedMoments"]
+__all__ = ["PREDICT_CHUNK", "WhitenedMoments"]
 
+#: marginal predictions are computed in chunks of this many points (memory O(chunk * M))
+PREDICT_CHUNK = 8192
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -63,6 +66,15 @@ class WhitenedMoments:
         mean = self.gp.mean_module(Xl) + mean_update
         return mean, kxx + self.jitter + var_update
 
+    def _chunked_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_marginals` in row chunks of :data:`PREDICT_CHUNK` points (bounded memory
+        for large prediction sets)."""
+        if X.shape[-2] <= PREDICT_CHUNK:
+            return self._marginals(X)
+        moments = self._q_moments()
+        parts = [self._marginals(x, moments) for x in X.split(PREDICT_CHUNK, dim=-2)]
+        return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
+
     def _joint(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Mean (..., n) and joint covariance (..., n, n) of ``q(f)`` (leading C for softmax)."""
         Z = self.inducing_points
@@ -76,6 +88,21 @@ class WhitenedMoments:
         cov = Kxx + self.jitter * eye - A.mT @ A + B.mT @ B  # K_xx + A^T (S - I) A
         mean = self.gp.mean_module(Xl) + (A.mT @ m.unsqueeze(-1)).squeeze(-1)
         return mean, 0.5 * (cov + cov.mT)
+
+    def _posterior(self, X: Tensor, observation_noise: bool, joint: bool) -> GaussianPosterior:
+        """:meth:`~gp.sparse.svgp.SVGP.posterior` in the parameters' dtype."""
+        X = self._inputs(X)
+        if joint:
+            return self._joint_posterior(X, observation_noise)
+        mean, var = self._chunked_marginals(X)
+        if observation_noise:
+            var = var + self.likelihood.noise
+        if self.num_classes is not None:
+            mean, var = mean.mT, var.mT
+        else:
+            mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
+        batch = torch.broadcast_shapes(mean.shape, var.shape)
+        return GaussianPosterior(mean.expand(batch), variance=var.expand(batch).clamp_min(0))
 
     def _joint_posterior(self, X: Tensor, observation_noise: bool) -> GaussianPosterior:
         mean, cov = self._joint(X)
@@ -118,3 +145,11 @@ class WhitenedMoments:
             return self.likelihood.forward(logits).log_prob(y.long()).mean(0)
         dist = MultivariateNormal(mean, DiagLinearOperator(var))
         return self.likelihood.expected_log_prob(y, dist)
+
+    def _elbo(self, X: Tensor, y: Tensor, num_data: int) -> Tensor:
+        """Per-datum ELBO of validated data (see :meth:`~gp.sparse.svgp.SVGP.elbo`)."""
+        moments = self._q_moments()  # once per evaluation (NGD: several O(M^3) steps)
+        mean, var = self._marginals(X, moments)
+        ell = self._expected_log_lik(y, mean, var)
+        total = ell.sum(-1) * (num_data / X.shape[-2]) - self.kl_divergence(moments)
+        return total / num_data

@@ -1,7 +1,10 @@
-"""Joint predictive of the sparse-within-sparse GP over the union of the points' neighbour
-sets (used by :meth:`gp.sparse.swsgp.SWSGP.posterior` with ``joint=True``)."""
+"""Joint predictive of the sparse-within-sparse GP (:meth:`gp.sparse.swsgp.SWSGP.posterior`
+with ``joint=True``): the correlations of the joint over the union of the points' neighbour
+sets, scaled to the points' own marginal variances."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from gpytorch.kernels import Kernel
@@ -10,7 +13,7 @@ from torch import Tensor
 from gp.sparse._swsgp_checks import dense
 from gp.sparse._swsgp_local import fast_cholesky
 
-__all__ = ["union_joint"]
+__all__ = ["rescale_to_variances", "union_covariances", "union_joint"]
 
 
 def union_joint(
@@ -73,3 +76,52 @@ def union_joint(
     cov = K_XX - V.mT @ V + (A * s_U.unsqueeze(-2)) @ A.mT + AW @ AW.mT
     mean = (A @ m_U.unsqueeze(-1)).squeeze(-1)
     return mean, 0.5 * (cov + cov.mT)
+
+
+def union_covariances(
+    kernel: Kernel,
+    X: Tensor,
+    Z: Tensor,
+    neighbors: Callable[[Tensor], Tensor],
+    q: tuple[Tensor, Tensor, Tensor],
+    jitter: float,
+) -> Tensor:
+    """The covariance of :func:`union_joint` for every element ``X[e]`` of a batch.
+
+    Parameters
+    ----------
+    X : Tensor, shape (E, *batch, n, d)
+        One union (per GP) for each ``e``.
+    neighbors : callable
+        Neighbour indices ``(*batch, n, H)`` into ``Z`` of the rows of ``X[e]``.
+    kernel, Z, q, jitter
+        As in :func:`union_joint`.
+
+    Returns
+    -------
+    Tensor, shape (E, *batch, n, n)
+    """
+    return torch.stack([union_joint(kernel, x, Z, neighbors(x), q, jitter)[1] for x in X])
+
+
+def rescale_to_variances(cov: Tensor, variance: Tensor) -> Tensor:
+    """``D^{1/2} R D^{1/2}``: the correlation matrix ``R`` of ``cov`` with variances ``D``.
+
+    Parameters
+    ----------
+    cov : Tensor, shape (..., n, n)
+        A positive semi-definite covariance (its correlations are kept).
+    variance : Tensor, shape (..., n)
+        Non-negative variances of the result (its diagonal).
+
+    Returns
+    -------
+    Tensor, shape (..., n, n)
+        ``cov_ij * sqrt(variance_i / cov_ii) * sqrt(variance_j / cov_jj)``: positive
+        semi-definite (a congruence of ``cov`` by a diagonal matrix), equal to ``cov`` when
+        ``variance`` is its diagonal.
+    """
+    tiny = torch.finfo(cov.dtype).tiny
+    diag = cov.diagonal(dim1=-2, dim2=-1).clamp_min(tiny)
+    scale = (variance / diag).clamp_min(tiny).sqrt()
+    return cov * scale.unsqueeze(-1) * scale.unsqueeze(-2)

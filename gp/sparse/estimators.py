@@ -31,6 +31,7 @@ from bdl.core.estimator import (
     BayesianEstimator,
     BayesianRegressorMixin,
 )
+from bdl.core.training import seeded
 from bdl.core.validation import check_choice, check_int, check_positive
 from gp.sparse.classification import ClassProbabilities
 from gp.sparse.initialisation import select_inducing_points
@@ -161,8 +162,7 @@ class _SparseGPBase(BayesianEstimator):
             kernel.base_kernel.lengthscale = 1.0  # the standardised inputs' scale
             kernel.outputscale = 1.0  # Var of the standardised targets / of a probit latent
         H = min(int(self.num_neighbors), self.num_inducing_)
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(seed)  # W's random start and the KL subsample in each step
+        with seeded(seed, x.device):  # W's random start and the KL subsample in each step
             model = SWSGP(kernel, Z, num_neighbors=H, likelihood=likelihood)
             if likelihood == "gaussian":
                 # A high start: with the unwhitened q(u) trained by Adam, a start close to the

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from bdl.core.posterior import GaussianPosterior
 from bdl.core.validation import check_choice, check_inputs, check_int, check_positive
 from gp.likelihoods import likelihood_kind, make_likelihood
 from gp.sparse._fit import fit_minibatches, seeded_global_rng, unpack_data
+from gp.sparse._precision import call_promoted
 from gp.sparse._svgp_moments import WhitenedMoments
 from gp.sparse._svgp_parts import (
     VariationalGP,
@@ -39,9 +39,6 @@ from gp.sparse.initialisation import select_inducing_points
 __all__ = ["SVGP"]
 
 _MEANS = ("constant", "zero")
-#: marginal predictions are computed in chunks of this many points (memory O(chunk * M))
-PREDICT_CHUNK = 8192
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 class SVGP(WhitenedMoments, nn.Module, Model):
@@ -103,9 +100,11 @@ class SVGP(WhitenedMoments, nn.Module, Model):
 
     Notes
     -----
-    Computations run in the parameters' dtype (cast with ``.double()`` for float64); inputs
-    of another dtype are cast to it and the posterior is returned in the inputs' dtype. The
-    Cholesky factor of ``K_ZZ`` is always computed in float64, as gpytorch does.
+    Training runs in the parameters' dtype (cast with ``.double()`` for float64).
+    :meth:`posterior` computes in the promoted dtype of its inputs and the parameters (a
+    float32 model answers float64 inputs with float64 accuracy, the parameters cast for the
+    call) and returns the inputs' dtype. The Cholesky factor of ``K_ZZ`` is always computed
+    in float64, as gpytorch does.
     """
 
     def __init__(
@@ -229,24 +228,7 @@ class SVGP(WhitenedMoments, nn.Module, Model):
         """Validated targets, shape (..., n), checked against the likelihood."""
         return check_svgp_targets(y, X, self.kind, self.num_classes, self._batch_shape)
 
-    # -- q(f) and objective --------------------------------------------------------------
-    def _chunked_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_marginals` in row chunks of :data:`PREDICT_CHUNK` points (bounded memory
-        for large prediction sets)."""
-        if X.shape[-2] <= PREDICT_CHUNK:
-            return self._marginals(X)
-        moments = self._q_moments()
-        parts = [self._marginals(x, moments) for x in X.split(PREDICT_CHUNK, dim=-2)]
-        return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
-
-    def _elbo(self, X: Tensor, y: Tensor, num_data: int) -> Tensor:
-        """Per-datum ELBO of validated data (see :meth:`elbo`)."""
-        moments = self._q_moments()  # once per evaluation (NGD: several O(M^3) steps)
-        mean, var = self._marginals(X, moments)
-        ell = self._expected_log_lik(y, mean, var)
-        total = ell.sum(-1) * (num_data / X.shape[-2]) - self.kl_divergence(moments)
-        return total / num_data
-
+    # -- objective ------------------------------------------------------------------------
     def elbo(self, X: Tensor, y: Tensor, num_data: int | None = None) -> Tensor:
         """Evidence lower bound divided by ``N`` (a per-datum mean), unbiased from a minibatch.
 
@@ -362,14 +344,15 @@ class SVGP(WhitenedMoments, nn.Module, Model):
         Parameters
         ----------
         X : Tensor, shape (..., n, d)
-            Leading dims broadcast with ``batch_shape``. Computed in the model's dtype; the
-            posterior is returned in ``X``'s dtype and is differentiable in ``X``.
+            Leading dims broadcast with ``batch_shape``. Computed in the promoted dtype of
+            ``X`` and the parameters; the posterior is returned in ``X``'s dtype and is
+            differentiable in ``X``.
         observation_noise : bool, default False
             Add the Gaussian noise variance (predictive of ``y``); Gaussian likelihood only.
         joint : bool, default False
             Full joint covariance over the ``n`` points (O(n^2 M) time) instead of marginal
             variances (O(n M^2), no n x n matrix, computed in chunks of
-            :data:`PREDICT_CHUNK` points).
+            :data:`~gp.sparse._svgp_moments.PREDICT_CHUNK` points).
 
         Returns
         -------
@@ -379,21 +362,9 @@ class SVGP(WhitenedMoments, nn.Module, Model):
             (``(..., n C, n C)`` interleaved, block-diagonal across classes) when ``joint``.
         """
         dtype = X.dtype if isinstance(X, Tensor) else None
-        X = self._inputs(X)  # in the model's dtype
         if observation_noise and self.kind != "gaussian":
             raise ValueError("observation_noise=True needs a Gaussian likelihood")
-        if joint:
-            post = self._joint_posterior(X, observation_noise)
-        else:
-            mean, var = self._chunked_marginals(X)
-            if observation_noise:
-                var = var + self.likelihood.noise
-            if self.num_classes is not None:
-                mean, var = mean.mT, var.mT
-            else:
-                mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
-            batch = torch.broadcast_shapes(mean.shape, var.shape)
-            post = GaussianPosterior(mean.expand(batch), variance=var.expand(batch).clamp_min(0))
+        post = call_promoted(self, X, self._posterior, observation_noise, joint)
         return cast_posterior(post, dtype)
 
     def predict_mean(self, X: Tensor) -> Tensor:

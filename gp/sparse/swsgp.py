@@ -36,6 +36,7 @@ from bdl.core.model import Model, cast_posterior
 from bdl.core.posterior import GaussianPosterior
 from bdl.core.validation import check_int, check_positive
 from gp.sparse._fit import fit_minibatches, unpack_data
+from gp.sparse._precision import call_promoted
 from gp.sparse._swsgp_checks import (
     check_swsgp_args,
     check_swsgp_inputs,
@@ -45,7 +46,7 @@ from gp.sparse._swsgp_checks import (
     gather_rows,
     swsgp_likelihood,
 )
-from gp.sparse._swsgp_joint import union_joint
+from gp.sparse._swsgp_joint import rescale_to_variances, union_covariances
 from gp.sparse._swsgp_kernel import block_covariance
 from gp.sparse._swsgp_local import fast_cholesky, local_moments_and_kl
 from gp.sparse._swsgp_neighbors import nearest_inducing
@@ -247,18 +248,17 @@ class SWSGP(nn.Module, Model):
     def neighbors(self, X: Tensor) -> Tensor:
         """Indices of the ``H`` nearest inducing inputs of each row of ``X`` (into each GP's own
         inducing inputs), shape ``(*batch_shape, n, H)``."""
-        X = self._check_X(X)
-        return nearest_inducing(
-            X, self.inducing_points, self.num_neighbors, method=self.neighbor_method
-        )
+        return self._nearest(self._check_X(X))
+
+    def _nearest(self, X: Tensor) -> Tensor:
+        Z, H = self.inducing_points, self.num_neighbors
+        return nearest_inducing(X, Z, H, method=self.neighbor_method)
 
     def _moments(
         self, X: Tensor, with_kl: bool, kl_rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         # X (*batch, B, d); kl_rows (k,) row positions, the same for every GP of a batch.
-        idx = nearest_inducing(
-            X, self.inducing_points, self.num_neighbors, method=self.neighbor_method
-        )
+        idx = self._nearest(X)
         Z_a = gather_rows(self.inducing_points, idx)  # (*batch, B, H, d)
         K_aa = block_covariance(self.kernel, Z_a, self._jitter_value())
         k_xa = cross_blocks(self.kernel, X, Z_a)  # (*batch, B, H)
@@ -400,16 +400,20 @@ class SWSGP(nn.Module, Model):
         ``q(f(x_i))`` of the training objective; points are processed in chunks of
         ``chunk_size`` (bounded memory for any ``n``).
 
-        Joint (``joint=True``): with ``U`` the union of the neighbour sets of the rows of ``X``
-        (per GP and per batch of ``X``), the joint of ``f(X)`` under ``q(u_U)`` (the exact
-        marginal of ``q(u)`` on ``U``) and the GP prior's conditional ``p(f(X) | u_U)``, i.e.
-        SVGP's predictive with inducing set ``U`` (see :func:`gp.sparse._swsgp_joint.union_joint`);
-        positive semi-definite by construction, and with ``H = M`` it is SVGP's joint. Its
-        diagonal equals the marginal variance when all rows share one neighbour set (e.g.
-        ``n = 1`` or ``H = M``); otherwise each point is conditioned on the larger set ``U``
-        instead of its own ``H`` neighbours (the approximation made for the joint). Cost
-        ``O(|U|^3 + n |U|^2 + n^2 |U|)`` with ``|U| <= min(M, n H)``, no chunking: meant for
-        moderate ``n``.
+        Joint (``joint=True``): the marginal means and variances above, with the correlations
+        of the joint over the union ``U`` of the neighbour sets of the rows of ``X`` (per GP
+        and per batch of ``X``). That union joint is the joint of ``f(X)`` under ``q(u_U)``
+        (the exact marginal of ``q(u)`` on ``U``) and the GP prior's conditional
+        ``p(f(X) | u_U)``, i.e. SVGP's predictive with inducing set ``U`` (see
+        :func:`gp.sparse._swsgp_joint.union_joint`); it conditions each point on ``U`` rather
+        than on its own ``H`` neighbours, so its own means and variances differ from the
+        marginals when ``H < M``. With ``R`` its correlation matrix and ``D`` the diagonal of
+        marginal variances, the joint is ``N(mean, D^{1/2} R D^{1/2})``: positive
+        semi-definite by construction, its diagonal and mean are exactly the marginals (so
+        joint draws, e.g. ``sample_y`` of the estimator, have the spread of the marginal
+        predictive), and with ``H = M`` it is SVGP's joint. Cost
+        ``O(|U|^3 + n |U|^2 + n^2 |U|)`` with ``|U| <= min(M, n H)``, plus the marginals; no
+        chunking: meant for moderate ``n``.
 
         The result is differentiable with respect to ``X`` when ``X`` requires grad (the
         neighbour selection itself is piecewise constant); the model's parameters get no
@@ -418,8 +422,9 @@ class SWSGP(nn.Module, Model):
         Parameters
         ----------
         X : Tensor, shape (..., n, d)
-            Leading dims broadcast with ``batch_shape``. Computed in the model's dtype; the
-            posterior is returned in ``X``'s dtype.
+            Leading dims broadcast with ``batch_shape``. Computed in the promoted dtype of
+            ``X`` and the parameters (a float32 model answers float64 inputs with float64
+            accuracy); the posterior is returned in ``X``'s dtype.
         observation_noise : bool, default False
             Add the Gaussian likelihood's noise variance (Gaussian likelihood only).
         joint : bool, default False
@@ -432,12 +437,17 @@ class SWSGP(nn.Module, Model):
             ``(..., n, n)`` when ``joint``.
         """
         dtype = X.dtype if isinstance(X, Tensor) else None
-        X = check_swsgp_inputs(X, self.inducing_points, self._batch_shape, exact=False)
         if observation_noise and not isinstance(self.likelihood, GaussianLikelihood):
             raise ValueError(
                 "observation_noise=True needs a Gaussian likelihood; use the latent posterior "
                 f"with {type(self.likelihood).__name__}"
             )
+        post = call_promoted(self, X, self._posterior, observation_noise, joint)
+        return cast_posterior(post, dtype)
+
+    def _posterior(self, X: Tensor, observation_noise: bool, joint: bool) -> GaussianPosterior:
+        """:meth:`posterior` in the parameters' dtype."""
+        X = check_swsgp_inputs(X, self.inducing_points, self._batch_shape, exact=False)
         # A graph is kept only for gradients with respect to X (e.g. acquisition functions);
         # otherwise each chunk's intermediates are freed at once (bounded memory for any n).
         with torch.set_grad_enabled(torch.is_grad_enabled() and X.requires_grad):
@@ -446,7 +456,7 @@ class SWSGP(nn.Module, Model):
             noise = self.likelihood.noise  # (*batch_shape, 1) or (1,)
             noise = noise.reshape(()) if noise.numel() == 1 else noise.unsqueeze(-1)
             post = post.add_observation_noise(noise)  # broadcast over (..., n, 1)
-        return cast_posterior(post, dtype)
+        return post
 
     def _as_model_batch(self, X: Tensor) -> tuple[Tensor, torch.Size]:
         """``X`` (..., n, d) as ``(E, *batch_shape, n, d)``, with the output batch shape."""
@@ -472,21 +482,14 @@ class SWSGP(nn.Module, Model):
         return GaussianPosterior(unflatten(means), variance=unflatten(variances))
 
     def _joint_posterior(self, X: Tensor) -> GaussianPosterior:
+        marginal = self._marginal_posterior(X)  # the joint's mean and variances
         Xe, out = self._as_model_batch(X)
         q = (self.variational_mean, self.variational_diag, self.variational_factor)
-        means, covs = [], []
-        for x in Xe:  # one joint per batch element of X
-            idx = nearest_inducing(
-                x, self.inducing_points, self.num_neighbors, method=self.neighbor_method
-            )
-            mean, cov = union_joint(
-                self.kernel, x, self.inducing_points, idx, q, self._jitter_value()
-            )
-            means.append(mean)
-            covs.append(cov)
-        n = X.shape[-2]
-        mean = torch.stack(means).reshape(*out, n, 1)
-        return GaussianPosterior(mean, covariance=torch.stack(covs).reshape(*out, n, n))
+        Z, jitter = self.inducing_points, self._jitter_value()
+        cov = union_covariances(self.kernel, Xe, Z, self._nearest, q, jitter)
+        cov = cov.reshape(*out, *cov.shape[-2:])  # the union joints' correlations
+        cov = rescale_to_variances(cov, marginal.variance.squeeze(-1))
+        return GaussianPosterior(marginal.mean, covariance=cov)
 
     def extra_repr(self) -> str:
         return (

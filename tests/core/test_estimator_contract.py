@@ -129,3 +129,46 @@ def test_classifier_predict_proba(case, fitted):
     proba = est.predict_proba(X[:5])
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-10)
     assert set(est.predict(X[:5])) <= set(np.unique(y))
+
+
+@pytest.mark.parametrize("case", [c for c in ESTIMATOR_CASES if c.task == "regression"], ids=str)
+def test_sample_y_draws_have_the_predictive_moments(case, fitted):
+    """Mean and variance of S seeded draws within 5 standard errors of the predictive's."""
+    est, X, _ = fitted(case)
+    S = 4000
+    draws = est.sample_y(X[:4], n_samples=S, random_state=1)
+    np.testing.assert_array_equal(draws, est.sample_y(X[:4], n_samples=S, random_state=1))
+    post = est.posterior(X[:4], observation_noise=True)
+    mean, var = post.mean[:, 0].double().numpy(), post.variance[:, 0].double().numpy()
+    # standard error of a sample mean sqrt(var / S); of a sample variance ~ var sqrt(2 / S)
+    # (a Gaussian's; a mixture's kurtosis is covered by the factor 5 for these small models)
+    assert (np.abs(draws.mean(1) - mean) < 5 * np.sqrt(var / S)).all()
+    assert (np.abs(draws.var(1) - var) < 5 * var * np.sqrt(2.0 / S) + 1e-12).all()
+
+
+@pytest.mark.parametrize("case", ESTIMATOR_CASES, ids=ids)
+def test_fitted_model_state_dict_round_trip(case, fitted):
+    """model_.state_dict() holds everything the predictions depend on (transforms included)."""
+    est, X, y = fitted(case)
+    other = case.make()
+    other.set_params(**{k: v for k, v in other.get_params().items() if k == "random_state"})
+    if "random_state" in other.get_params():
+        other.set_params(random_state=12345)
+    other.fit(X[::-1].copy() * 2.0, y[::-1].copy())  # different data: different statistics
+    other.model_.load_state_dict(est.model_.state_dict())
+    a, b = est.posterior(X[:5]), other.posterior(X[:5])
+    torch.testing.assert_close(b.mean, a.mean)
+    torch.testing.assert_close(b.variance, a.variance)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in ESTIMATOR_CASES if c.joint and c.task == "regression"], ids=str
+)
+def test_joint_posterior_matches_marginals(case, fitted):
+    est, X, _ = fitted(case)
+    marginal = est.posterior(X[:5], observation_noise=True)
+    joint = est.posterior(X[:5], observation_noise=True, joint=True)
+    torch.testing.assert_close(joint.mean, marginal.mean, rtol=1e-6, atol=1e-8)
+    n, m = marginal.mean.shape[-2:]
+    diag = joint.covariance_matrix.diagonal(dim1=-2, dim2=-1).reshape(n, m)
+    torch.testing.assert_close(diag, marginal.variance, rtol=1e-5, atol=1e-8)

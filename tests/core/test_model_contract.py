@@ -102,9 +102,10 @@ def test_joint_covariance_matches_marginals(case, fitted, observation_noise):
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=ids)
-def test_gradients_wrt_inputs_match_finite_differences(case, fitted):
+@pytest.mark.parametrize("shape", [(3,), (2, 2)], ids=["n_d", "b_q_d"])
+def test_gradients_wrt_inputs_match_finite_differences(case, fitted, shape):
     model = fitted(case)
-    X = _inputs((3, case.d)).requires_grad_(True)
+    X = _inputs(shape + (case.d,)).requires_grad_(True)
 
     def moments(x):
         post = model.posterior(x)

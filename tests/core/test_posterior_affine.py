@@ -20,6 +20,8 @@ def test_gaussian_affine_diagonal_and_joint():
     A = torch.randn(6, 6, dtype=DT)
     joint = GaussianPosterior(mean, covariance=A @ A.mT + torch.eye(6, dtype=DT))
     out = joint.affine(scale, shift)
+    S = torch.diag(scale.repeat(3))  # interleaved order: row i*m + j is point i, output j
+    torch.testing.assert_close(out.covariance_matrix, S @ joint.covariance_matrix @ S)
     torch.testing.assert_close(out.variance, joint.variance * scale**2)
     assert out.is_joint
 

@@ -11,7 +11,7 @@ import torch
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from bdl import CategoricalPosterior, SamplePosterior, SGMCMCClassifier, SGMCMCRegressor
-from bdl.sgmcmc.estimators import _prior_precisions
+from bdl.sgmcmc._recipe import prior_precisions as _prior_precisions
 
 TINY = dict(hidden_sizes=(8,), epochs=10, batch_size=16, n_cycles=2, random_state=0)
 

@@ -346,7 +346,7 @@ def test_chunked_predictions_equal_unchunked(monkeypatch):
     model.fit((X, y), epochs=1, batch_size=20, seed=0)
     with torch.no_grad():
         whole = model.posterior(X)
-        monkeypatch.setattr("gp.sparse.svgp.PREDICT_CHUNK", 7)
+        monkeypatch.setattr("gp.sparse._svgp_moments.PREDICT_CHUNK", 7)
         chunked = model.posterior(X)
     assert torch.allclose(chunked.mean, whole.mean, atol=1e-12)
     assert torch.allclose(chunked.variance, whole.variance, atol=1e-12)
