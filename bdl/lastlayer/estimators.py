@@ -138,8 +138,8 @@ class VBLLRegressor(BayesianRegressorMixin, RegressorMixin, _VBLLEstimator):
         Share of the training data held out for early stopping.
     n_iter_no_change : int
         Patience of early stopping, in epochs.
-    device : str
-        Torch device to train on.
+    device : str, torch.device or None, default None
+        Torch device to train on (None: the CPU; an unavailable one is a ValueError).
     random_state : int, RandomState or None
         Seed of the initialisation and minibatch order.
     verbose : bool
@@ -162,7 +162,7 @@ class VBLLRegressor(BayesianRegressorMixin, RegressorMixin, _VBLLEstimator):
         early_stopping: bool = True,
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
-        device: str = "cpu",
+        device: str | torch.device | None = None,
         random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
     ) -> None:
@@ -285,8 +285,8 @@ class VBLLClassifier(BayesianClassifierMixin, ClassifierMixin, _VBLLEstimator):
         Share of the training data held out for early stopping.
     n_iter_no_change : int
         Patience of early stopping, in epochs.
-    device : str
-        Torch device to train on.
+    device : str, torch.device or None, default None
+        Torch device to train on (None: the CPU; an unavailable one is a ValueError).
     random_state : int, RandomState or None
         Seed of the initialisation and minibatch order.
     verbose : bool
@@ -308,7 +308,7 @@ class VBLLClassifier(BayesianClassifierMixin, ClassifierMixin, _VBLLEstimator):
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
-        device: str = "cpu",
+        device: str | torch.device | None = None,
         random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
     ) -> None:

@@ -72,8 +72,8 @@ _PARAMS_DOC = """
         Fraction ``beta`` in ``[0, 1)`` of each cycle without noise.
     samples_per_cycle : int
         About this many states are kept from each cycle's sampling phase.
-    device : str or torch.device
-        Torch device to sample on (an unavailable one is a ValueError naming ``device``).
+    device : str, torch.device or None, default None
+        Torch device to sample on (None: the CPU; an unavailable one is a ValueError).
     random_state : int, RandomState or None
         Seed of the initialisation, minibatch order and injected noise.
     verbose : bool
@@ -113,7 +113,7 @@ class _SGMCMCEstimator(BayesianEstimator):
         n_cycles: int = 8,
         exploration_fraction: float = 0.8,
         samples_per_cycle: int = 4,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
     ) -> None:

@@ -144,11 +144,12 @@ def test_fit_returns_self_with_history_inside_no_grad(case):
 
 
 @pytest.mark.parametrize("case", [c for c in MODEL_CASES if c.fit is not None], ids=str)
-def test_fit_under_float64_default_dtype(case):
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64])
+def test_fit_under_float64_default_dtype(case, model_dtype):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        model = case.fresh(DT)
+        model = case.fresh(model_dtype)
         case.fit(model)
         post = model.posterior(_inputs((3, case.d)))
         assert bool(torch.isfinite(post.mean).all())
