@@ -32,9 +32,11 @@ __all__ = [
 TILE_BYTES = 16 * 2**20
 """Target size in bytes of one tile of kernel entries (16 MiB).
 
-Chosen by ``benchmarks/bench_kernel_matvec.py --sweep``: tiles that stay in the last-level
-cache (32 MiB here) while the GEMM writes them, the elementwise map rewrites them and the
-product with ``V`` reads them ran 1.5-2x faster than 64 MiB tiles."""
+Each tile is written by the GEMM, rewritten by the elementwise map and read by the product
+with ``V``; a tile small enough to stay in a typical CPU's last-level cache between these
+passes saves the main-memory traffic between them, while a larger tile only amortises the
+per-tile overhead further. ``benchmarks/bench_kernel_matvec.py --sweep`` measures the choice
+on a given machine."""
 
 
 def _dense(value: object) -> Tensor:

@@ -7,12 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from bdl.core.training import seeded, seeded_generator, tensor_batches, train
+from bdl.core.training import seeded_generator, tensor_batches, train
 
-#: torch's global generators seeded inside a block (see :func:`bdl.core.training.seeded`)
-seeded_global_rng = seeded
-
-__all__ = ["fit_minibatches", "seeded_global_rng", "unpack_data"]
+__all__ = ["fit_minibatches", "unpack_data"]
 
 
 def fit_minibatches(

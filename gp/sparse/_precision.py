@@ -68,7 +68,8 @@ def call_promoted(
 
     Returns
     -------
-    Whatever ``fn`` returns.
+    object
+        What ``fn`` returns.
     """
     dtype = compute_dtype(module, X)
     if dtype == _parameter_dtype(module):

@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from bdl.core.model import Model, cast_posterior
 from bdl.core.posterior import GaussianPosterior
+from bdl.core.training import seeded
 from bdl.core.validation import check_choice, check_inputs, check_int, check_positive
 from gp.likelihoods import likelihood_kind, make_likelihood
-from gp.sparse._fit import fit_minibatches, seeded_global_rng, unpack_data
+from gp.sparse._fit import fit_minibatches, unpack_data
 from gp.sparse._precision import call_promoted
 from gp.sparse._svgp_moments import WhitenedMoments
 from gp.sparse._svgp_parts import (
@@ -328,7 +329,7 @@ class SVGP(WhitenedMoments, nn.Module, Model):
         n = X.shape[-2]
         y = y.expand(*y.shape[:-1], n)
         optimizers = self._optimizers(n, lr, ngd_lr)
-        with seeded_global_rng(seed, X.device):
+        with seeded(seed, X.device):
             self.history_, self.step_losses_ = fit_minibatches(
                 self, lambda xb, yb: -self._elbo(xb, yb, n).sum(), optimizers, X, y,
                 epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose, desc="svgp",

@@ -487,8 +487,8 @@ class SWSGP(nn.Module, Model):
         q = (self.variational_mean, self.variational_diag, self.variational_factor)
         Z, jitter = self.inducing_points, self._jitter_value()
         cov = union_covariances(self.kernel, Xe, Z, self._nearest, q, jitter)
-        cov = cov.reshape(*out, *cov.shape[-2:])  # the union joints' correlations
-        cov = rescale_to_variances(cov, marginal.variance.squeeze(-1))
+        cov = cov.reshape(*out, *cov.shape[-2:])
+        cov = rescale_to_variances(cov, marginal.variance.squeeze(-1))  # keeps correlations
         return GaussianPosterior(marginal.mean, covariance=cov)
 
     def extra_repr(self) -> str:

@@ -142,7 +142,8 @@ def test_sample_y_is_joint_and_seeded():
     # Monte Carlo mean and variance: 5 standard errors (sd / sqrt(S), sd^2 sqrt(2 / S))
     assert np.all(np.abs(draws.mean(1) - mean) < 5 * std / np.sqrt(S))
     assert np.all(np.abs(draws.var(1) - std**2) < 5 * std**2 * np.sqrt(2 / S))
-    # SWSGP: joint draws from the union-neighbourhood posterior (its own mean and covariance)
+    # SWSGP: joint draws with the marginal predictive's mean and spread (H < M), correlated as
+    # the union-neighbourhood joint
     sw = SparseGPRegressor(
         "swsgp", num_inducing=16, num_neighbors=4, epochs=1, dtype="float64", random_state=0
     ).fit(X, y)
@@ -152,6 +153,9 @@ def test_sample_y_is_joint_and_seeded():
     sd = np.sqrt(np.diag(cov))
     assert np.all(np.abs(draws.mean(1) - joint.mean[:, 0].numpy()) < 5 * sd / np.sqrt(S))
     assert np.all(np.abs(draws.var(1) - sd**2) < 5 * sd**2 * np.sqrt(2 / S))
+    mean, std = sw.predict(X_new, return_std=True)
+    np.testing.assert_allclose(joint.mean[:, 0].numpy(), mean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sd, std, rtol=1e-10)
     corr = np.corrcoef(draws)[0, 1]
     expected = cov[0, 1] / (sd[0] * sd[1])
     assert abs(corr - expected) < 5 * (1 - expected**2) / np.sqrt(S)  # sd of a sample corr.

@@ -8,6 +8,7 @@ et al. 2013, unwhitened) with the same ``q(u) = N(m, diag(s) + W W^T)``, and at 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 
@@ -330,6 +331,28 @@ def test_float32_finite_and_close_to_float64():
     assert all(torch.isfinite(p).all() for p in model32.parameters())
 
 
+def test_float32_model_answers_float64_inputs_in_float64():
+    # A float64 query of a float32 model computes with the parameters cast to float64: the
+    # same values as a float64 copy of the model, gradients in X as accurate.
+    model32 = _model(M=30, H=8, r=2, d=3, dtype=torch.float32)
+    model64 = copy.deepcopy(model32).double()
+    X, _ = _data(n=6, d=3)
+    for joint in (False, True):
+        a = model32.posterior(X, joint=joint, observation_noise=True)
+        b = model64.posterior(X, joint=joint, observation_noise=True)
+        assert a.mean.dtype == F64
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.covariance_matrix, b.covariance_matrix, rtol=1e-9, atol=1e-12)
+    assert all(p.dtype == torch.float32 for p in model32.parameters())
+    Xg = X[:3].clone().requires_grad_(True)
+
+    def moments(x):
+        post = model32.posterior(x)
+        return post.mean, post.variance
+
+    assert torch.autograd.gradcheck(moments, (Xg,), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
 def test_bad_inputs():
     Z = torch.rand(10, 2, dtype=F64)
     k = _kernel()
@@ -646,20 +669,48 @@ def test_joint_equals_dense_svgp_at_full_neighbourhood():
     )
 
 
-def test_joint_uses_union_neighbourhood():
+def test_joint_has_the_marginals_and_the_union_correlations():
+    # H < M: mean and variances are the points' own (H-neighbour) marginals; the correlations
+    # are those of the joint over the union U of the neighbour sets, which conditions each
+    # point on all of U and so has other means and variances of its own.
     model = _model(M=40, H=5, r=2)
     X, _ = _data(n=6)
     with torch.no_grad():
         post = model.posterior(X, joint=True)
-        ref_mean, ref_cov = _union_joint(model, X)
-    torch.testing.assert_close(post.mean.squeeze(-1), ref_mean, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(post.covariance_matrix, ref_cov, rtol=1e-9, atol=1e-10)
+        marginal = model.posterior(X)
+        union_mean, union_cov = _union_joint(model, X)
+    torch.testing.assert_close(post.mean, marginal.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(post.variance, marginal.variance, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(union_mean, marginal.mean.squeeze(-1), rtol=1e-3)  # H < M
+    union_sd = union_cov.diagonal().sqrt()
+    sd = marginal.variance.squeeze(-1).sqrt()
+    ref = union_cov / torch.outer(union_sd, union_sd) * torch.outer(sd, sd)
+    torch.testing.assert_close(post.covariance_matrix, ref, rtol=1e-9, atol=1e-10)
     eig = torch.linalg.eigvalsh(post.covariance_matrix)
     assert bool((eig > -1e-10 * eig.max()).all())  # PSD by construction
     # One point: the union is its own neighbour set, so the joint is the marginal.
     one = model.posterior(X[:1], joint=True)
     torch.testing.assert_close(one.variance, model.posterior(X[:1]).variance, rtol=1e-9, atol=0)
     torch.testing.assert_close(one.mean, model.posterior(X[:1]).mean, rtol=1e-9, atol=1e-12)
+    noisy = model.posterior(X, joint=True, observation_noise=True)
+    noise = model.likelihood.noise.squeeze() * torch.eye(6, dtype=F64)
+    torch.testing.assert_close(noisy.covariance_matrix, post.covariance_matrix + noise)
+
+
+def test_joint_draws_have_the_marginal_spread():
+    # M = 32, H = 8: joint draws (as sample_y takes them) have the marginals' mean and variance.
+    model = _model(M=32, H=8, r=2)
+    X, _ = _data(n=12, seed=4)
+    with torch.no_grad():
+        joint = model.posterior(X, joint=True, observation_noise=True)
+        marginal = model.posterior(X, observation_noise=True)
+    S = 20000
+    base = torch.randn(S, *joint.base_sample_shape, generator=torch.Generator().manual_seed(0),
+                       dtype=F64)  # fmt: skip
+    draws = joint.rsample_from_base_samples(torch.Size([S]), base)[..., 0]  # (S, n)
+    mean, var = marginal.mean.squeeze(-1), marginal.variance.squeeze(-1)
+    assert bool(((draws.mean(0) - mean).abs() < 5 * (var / S).sqrt()).all())
+    assert bool(((draws.var(0) - var).abs() < 5 * var * math.sqrt(2 / S)).all())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
