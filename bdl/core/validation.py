@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -120,3 +122,23 @@ def check_inputs(X: object, d: int | None = None, *, name: str = "X") -> Tensor:
     if not bool(torch.isfinite(X).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return X
+
+
+_MISMATCH = ("shape", "size", "dtype", "same type", "Expected", "expected", "dimension")
+
+
+@contextlib.contextmanager
+def network_input(X: Tensor, name: str = "X") -> Iterator[None]:
+    """Turn a wrapped network's shape or dtype error on ``X`` into a ``ValueError`` naming it.
+
+    A wrapped ``nn.Module`` takes inputs in its own format, so their shape cannot be checked
+    up front; a mismatch surfaces as torch's ``RuntimeError`` deep inside the network.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(key in str(err) for key in _MISMATCH):
+            raise
+        raise ValueError(
+            f"{name} of shape {tuple(X.shape)} and dtype {X.dtype} does not fit the network: {err}"
+        ) from err

@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from bdl.core.model import Model
 from bdl.core.posterior import CategoricalPosterior, SamplePosterior
-from bdl.core.validation import check_choice, check_inputs, check_int
+from bdl.core.validation import check_choice, check_inputs, check_int, network_input
 
 __all__ = ["SamplePredictive"]
 
@@ -174,7 +174,7 @@ class SamplePredictive(Model):
         outputs, log_stds = [], []
         fixed = self._fixed_tensors(X.dtype, X.device)
         grad = torch.is_grad_enabled() and X.requires_grad
-        with eval_mode(self.model), torch.set_grad_enabled(grad):
+        with eval_mode(self.model), torch.set_grad_enabled(grad), network_input(X):
             for state in self._states(X.dtype, X.device):
                 outputs.append(self._output(self._forward({**fixed, **state}, X, batch_size), X))
                 if noisy and self.log_noise_std is not None:
