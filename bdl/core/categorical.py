@@ -99,16 +99,38 @@ class CategoricalPosterior(Posterior):
         samples = None if self.prob_samples is None else self.prob_samples.to(dtype)
         return CategoricalPosterior(self._probs.to(dtype), prob_samples=samples)
 
-    def log_prob(self, y: Tensor) -> Tensor:
-        """Log predictive mass of integer labels ``y`` of shape ``(..., n)``."""
-        y = torch.as_tensor(y, device=self.device)
-        if y.dtype.is_floating_point or y.shape != self._probs.shape[:-1]:
+    def _check_labels(self, y: object) -> Tensor:
+        """``y`` as a long tensor of class indices of shape ``(..., n)``, checked."""
+        hint = (
+            "; an estimator's original labels map to indices through its classes_: "
+            "np.searchsorted(estimator.classes_, y)"
+        )
+        try:
+            y = torch.as_tensor(y, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(
-                f"y must hold integer labels of shape {tuple(self._probs.shape[:-1])}, "
-                f"got dtype {y.dtype} and shape {tuple(y.shape)}"
+                f"y must hold integer class indices in [0, {self.num_classes}), got "
+                f"{type(y).__name__} that is not numeric{hint}"
+            ) from err
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.shape != self._probs.shape[:-1]:
+            raise ValueError(
+                f"y must hold integer class indices of shape {tuple(self._probs.shape[:-1])}, "
+                f"got dtype {y.dtype} and shape {tuple(y.shape)}{hint}"
             )
         if bool(((y < 0) | (y >= self.num_classes)).any()):
-            raise ValueError(f"y holds labels outside [0, {self.num_classes})")
+            raise ValueError(f"y holds labels outside [0, {self.num_classes}){hint}")
+        return y
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        """Log predictive mass of integer class indices ``y`` of shape ``(..., n)``.
+
+        Raises
+        ------
+        ValueError
+            Naming ``y``: labels that are not integer indices in ``[0, C)`` (string or other
+            original labels of an estimator map to indices through its ``classes_``).
+        """
+        y = self._check_labels(y)
         picked = self._probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
         return picked.clamp_min(torch.finfo(self.dtype).tiny).log()
 
@@ -120,8 +142,7 @@ class CategoricalPosterior(Posterior):
         """
         if self.prob_samples is None:
             return self.log_prob(y).sum(-1)
-        y = torch.as_tensor(y, device=self.device)
-        self.log_prob(y)  # validates y
+        y = self._check_labels(y)
         idx = y.long().unsqueeze(-1).expand((self.prob_samples.shape[0],) + y.shape + (1,))
         per_draw = self.prob_samples.gather(-1, idx).squeeze(-1)
         per_draw = per_draw.clamp_min(torch.finfo(self.dtype).tiny).log().sum(-1)

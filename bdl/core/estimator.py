@@ -342,6 +342,31 @@ class BayesianClassifierMixin:
             probs = self.posterior(X).probs.to(torch.float64).cpu().numpy()
         return probs / probs.sum(-1, keepdims=True)
 
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Log class probabilities (n, C), columns ordered as ``classes_``."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+    def label_indices(self, y: Any) -> np.ndarray:
+        """Positions in ``classes_`` of the original labels ``y`` (n,), e.g. for
+        ``posterior(X).log_prob(torch.as_tensor(est.label_indices(y)))``.
+
+        Raises
+        ------
+        ValueError
+            Naming ``y`` if it holds a label that is not in ``classes_``.
+        """
+        check_is_fitted(self)
+        y = np.asarray(y)
+        idx = np.clip(np.searchsorted(self.classes_, y), 0, len(self.classes_) - 1)
+        unknown = self.classes_[idx] != y
+        if bool(np.any(unknown)):
+            raise ValueError(
+                f"y holds labels not in classes_ (first: {y[unknown][0]!r}); classes_ = "
+                f"{self.classes_.tolist()}"
+            )
+        return idx
+
     def predict(self, X: Any) -> np.ndarray:
         """Most probable class label for each row of ``X``."""
         proba = self.predict_proba(X)  # checks that the estimator is fitted

@@ -121,6 +121,11 @@ class Posterior(ABC):
         Returns
         -------
         Tensor, shape ``(..., n)``
+
+        Raises
+        ------
+        ValueError
+            Naming ``y``: a shape that does not match, or NaN / inf entries.
         """
 
     @abstractmethod
@@ -194,4 +199,6 @@ class Posterior(ABC):
                 f"y has shape {tuple(y.shape)}; its last two dims must be (n, m) = "
                 f"{tuple(target[-2:])}"
             )
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("y contains NaN or inf; densities are of finite observations")
         return y

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from bdl.core.gaussian import GaussianPosterior
-from bdl.core.posterior_base import LOG_2PI, Posterior, as_size
+from bdl.core.gaussian import GaussianPosterior, point_mass_normal_log_prob
+from bdl.core.posterior_base import Posterior, as_size
 
 __all__ = ["SamplePosterior"]
 
@@ -17,7 +17,11 @@ class SamplePosterior(Posterior):
     """Equal-weight mixture of function draws, optionally with Gaussian observation noise.
 
     The predictive is ``p(y) = (1/S) sum_s N(y | f_s, noise_s)``; without noise, densities use
-    the moment-matched Gaussian (the empirical distribution of draws has none).
+    the moment-matched Gaussian (the empirical distribution of draws has none). Where that
+    Gaussian has zero variance (one draw, or draws that agree at a point) it is the point
+    mass at the draws, and a member with zero noise variance is the point mass at its draw:
+    their ``log_prob`` is a log mass, 0 on the atom and -inf elsewhere
+    (:class:`~bdl.core.gaussian.GaussianPosterior`), never NaN.
 
     Parameters
     ----------
@@ -35,8 +39,8 @@ class SamplePosterior(Posterior):
             noise_variance = torch.as_tensor(
                 noise_variance, dtype=samples.dtype, device=samples.device
             )
-            if bool((noise_variance < 0).any()):
-                raise ValueError("noise_variance must be non-negative")
+            if not bool(((noise_variance >= 0) & torch.isfinite(noise_variance)).all()):
+                raise ValueError("noise_variance must be finite and non-negative")
             noise_variance = noise_variance.expand(samples.shape)
         self.noise_variance = noise_variance
 
@@ -131,13 +135,13 @@ class SamplePosterior(Posterior):
         return draws
 
     def _component_log_prob(self, y: Tensor) -> Tensor:
-        """log N(y_i | f_s,i, noise_s,i) summed over outputs, shape (S, ..., n)."""
+        """log N(y_i | f_s,i, noise_s,i) summed over outputs, shape (S, ..., n); a zero noise
+        variance gives the log mass of the point mass at ``f_s,i``."""
         # align the draw axis in front of any extra leading batch dims of y
         extra = max(y.dim() - (self.samples.dim() - 1), 0)
         shape = self.samples.shape[:1] + (1,) * extra + self.samples.shape[1:]
         f, var = self.samples.reshape(shape), self.noise_variance.reshape(shape)
-        per_output = -0.5 * ((y - f) ** 2 / var + var.log() + LOG_2PI)
-        return per_output.sum(-1)
+        return point_mass_normal_log_prob(y, f, var).sum(-1)
 
     def log_prob(self, y: Tensor) -> Tensor:
         y = self._check_y(y)

@@ -155,6 +155,46 @@ def flatten_features(
     return features.reshape(-1, in_features), lead
 
 
+def loss_features(features: Tensor, in_features: int, dtype: torch.dtype) -> Tensor:
+    """``features`` (..., d) as (B, d) for a head's ``loss`` in the head's ``dtype``.
+
+    Under autocast the features are cast to the head's precision; otherwise a different
+    dtype is a ValueError naming ``features`` (a training loss is computed in one dtype).
+    """
+    phi, _ = flatten_features(features, in_features)
+    if torch.is_autocast_enabled(phi.device.type):
+        return phi.to(dtype)  # the bound is computed in the head's precision
+    if phi.dtype != dtype:
+        flatten_features(phi, in_features, dtype=dtype)  # raises, naming features
+    return phi
+
+
+def check_finite_loss(loss: Tensor, features: Tensor, y: Tensor, overflow: str = "") -> Tensor:
+    """``loss`` if it is finite; otherwise the reason as an error (one device sync per call).
+
+    A NaN or inf in ``features`` or in floating ``y`` always makes the loss non-finite, so
+    checking the scalar loss is enough to catch them: only then are the inputs scanned.
+
+    Raises
+    ------
+    ValueError
+        Naming ``features`` or ``y`` when they contain NaN or inf.
+    RuntimeError
+        When the loss overflowed with finite inputs (``overflow`` says why it can).
+    """
+    if bool(torch.isfinite(loss.detach())):
+        return loss
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features contain NaN or inf")
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise ValueError("y contains NaN or inf")
+    raise RuntimeError(
+        f"the loss overflowed to {float(loss.detach())} in {loss.dtype} with finite features and y"
+        f"{overflow}; standardise the features, compute in float64, or (while training) "
+        "lower the learning rate"
+    )
+
+
 def require_num_data(num_data: int | None) -> int:
     """The dataset size that scales the KL term; an error if the user never set it."""
     if num_data is None:

@@ -12,9 +12,11 @@ from bdl.core.model import Model
 from bdl.core.validation import check_choice, check_positive
 from bdl.lastlayer._base import (
     GaussianWeights,
+    check_finite_loss,
     check_head_args,
     flatten_features,
     inverse_wishart_log_prior,
+    loss_features,
     require_num_data,
 )
 from bdl.lastlayer._covariance import COVARIANCE_KINDS
@@ -123,23 +125,28 @@ class GaussianLastLayer(HeadFitMixin, nn.Module, Model):
         Parameters
         ----------
         features : Tensor, shape (B, d)
+            In the head's dtype (or under autocast).
         y : Tensor
             Targets, (B, m) or (B,) for regression; integer labels (B,) for classification.
+
+        Raises
+        ------
+        ValueError
+            Naming ``features`` or ``y``: bad shape or dtype, or NaN / inf entries (found
+            through the loss itself: one device sync per call).
+        RuntimeError
+            If the loss overflows with finite inputs.
         """
         num_data = require_num_data(self.num_data)
-        dtype = self.weights.mean.dtype
-        phi, _ = flatten_features(features, self.in_features)
-        if torch.is_autocast_enabled(phi.device.type):
-            phi = phi.to(dtype)  # the bound is computed in the head's precision
-        elif phi.dtype != dtype:
-            flatten_features(phi, self.in_features, dtype=dtype)  # raises, naming features
+        phi = loss_features(features, self.in_features, self.weights.mean.dtype)
         y = self._check_target(y, phi.shape[0])
         spec = LossSpec(self._task, self.weights.cov, num_data, self.wishart_scale, self.dof)
         with torch.autocast(phi.device.type, enabled=False):
-            return fused_loss(
+            loss = fused_loss(
                 spec, phi, y, self.weights.mean, self.bias, self.log_noise_std,
                 self.weights.log_prior_variance,
             )  # fmt: skip
+        return check_finite_loss(loss, phi, y)
 
     def reference_loss(self, features: Tensor, y: Tensor) -> Tensor:
         """:meth:`loss` written op by op with autograd (slower; the definition it must equal)."""

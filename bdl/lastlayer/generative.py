@@ -24,9 +24,11 @@ from bdl.core.validation import check_inputs, check_positive
 from bdl.lastlayer._base import (
     LOG_2PI,
     GaussianWeights,
+    check_finite_loss,
     check_head_args,
     flatten_features,
     inverse_wishart_log_prior,
+    loss_features,
     require_num_data,
 )
 from bdl.lastlayer._dtype import posterior_in_input_dtype
@@ -169,11 +171,20 @@ class GenerativeVBLLClassification(HeadFitMixin, nn.Module, Model):
         return self.class_means.kl_divergence()
 
     def loss(self, features: Tensor, y: Tensor) -> Tensor:
-        """Negative ELBO per datum: ``-mean_i bound_i + (KL - log p(Sigma)) / N``."""
+        """Negative ELBO per datum: ``-mean_i bound_i + (KL - log p(Sigma)) / N``.
+
+        Raises
+        ------
+        ValueError
+            Naming ``features`` (a dtype other than the head's outside autocast, NaN or inf)
+            or ``y``; the finiteness check is one device sync per call.
+        """
         num_data = require_num_data(self.num_data)
-        bound = self.log_likelihood_bound(features, y).mean()
+        phi = loss_features(features, self.in_features, self.log_noise_std.dtype)
+        bound = self.log_likelihood_bound(phi, y).mean()
         log_prior = inverse_wishart_log_prior(self.log_noise_std, self.wishart_scale, self.dof)
-        return -bound + (self.kl_divergence() - log_prior) / num_data
+        loss = -bound + (self.kl_divergence() - log_prior) / num_data
+        return check_finite_loss(loss, phi, y)
 
     def posterior(
         self, X: Tensor, *, observation_noise: bool = False, joint: bool = False

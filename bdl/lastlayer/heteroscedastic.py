@@ -26,13 +26,18 @@ from bdl.core.validation import check_choice, check_inputs, check_positive
 from bdl.lastlayer._base import (
     LOG_2PI,
     GaussianWeights,
+    check_finite_loss,
     check_head_args,
     flatten_features,
+    loss_features,
     require_num_data,
 )
 from bdl.lastlayer._dtype import posterior_in_input_dtype
 from bdl.lastlayer._fit import HeadFitMixin
 from bdl.lastlayer.regression import interleave_block_diagonal
+
+#: initial posterior standard deviation of the log-noise weights, relative to their prior's
+NOISE_INIT_SCALE = 0.1
 
 
 class HeteroscedasticVBLLRegression(HeadFitMixin, nn.Module, Model):
@@ -63,6 +68,20 @@ class HeteroscedasticVBLLRegression(HeadFitMixin, nn.Module, Model):
         Initial noise standard deviation (sets the initial offset ``c``).
     bias : bool
         Learn a point-estimated offset of the mean.
+
+    Notes
+    -----
+    The expected log-likelihood falls monotonically with the log-noise variance
+    ``s_l^2 = phi^T R phi``: ``d E_q log p / d s_l^2 = -exp(-mu_l + s_l^2 / 2) ((y - wbar^T
+    phi - b)^2 + phi^T S phi) / 4 < 0``. The optimal ``R`` is therefore below the prior
+    ``s_m I`` along the features, where the KL term's pull ``(1/s_m - R^-1) / 2`` balances
+    it, and starting ``q(m)`` at the prior is the worst start: there ``s_l^2 = s_m |phi|^2``
+    grows with the squared feature scale and ``E_q[1/sigma^2] = exp(-mu_l + s_l^2 / 2)``
+    overflows float32 (``s_l^2 > 177``) for features of scale 100 at the defaults. ``R``
+    starts at ``NOISE_INIT_SCALE^2 = 1e-2`` times the prior instead (as the classification
+    head starts inside its prior), which keeps the bound finite up to about a hundred times
+    larger squared feature norms; the bound then raises ``R`` only as far as the data allow.
+    An overflow that remains is a ``RuntimeError`` from :meth:`loss`, not an inf.
     """
 
     def __init__(
@@ -93,9 +112,11 @@ class HeteroscedasticVBLLRegression(HeadFitMixin, nn.Module, Model):
             out_features, in_features, covariance=covariance, rank=rank,
             prior_variance=s_w, init_std=math.sqrt(s_w), mean_init_std=math.sqrt(s_w),
         )  # fmt: skip
+        # q(m) starts well inside its prior (see the class notes): E_q[1/sigma^2] grows like
+        # exp(s_l^2 / 2), and at the prior s_l^2 = s_m |phi|^2 overflows for large features
         self.noise_weights = GaussianWeights(
             out_features, in_features, covariance=noise_covariance, rank=rank,
-            prior_variance=s_m, init_std=math.sqrt(s_m), mean_init_std=0.0,
+            prior_variance=s_m, init_std=NOISE_INIT_SCALE * math.sqrt(s_m), mean_init_std=0.0,
         )  # fmt: skip
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.noise_offset = nn.Parameter(torch.full((out_features,), 2.0 * math.log(noise_std)))
@@ -149,10 +170,30 @@ class HeteroscedasticVBLLRegression(HeadFitMixin, nn.Module, Model):
         return self.weights.kl_divergence() + self.noise_weights.kl_divergence()
 
     def loss(self, features: Tensor, y: Tensor) -> Tensor:
-        """Negative ELBO per datum."""
+        """Negative ELBO per datum.
+
+        Raises
+        ------
+        ValueError
+            Naming ``features`` (a dtype other than the head's outside autocast, NaN or inf)
+            or ``y`` (NaN or inf); the finiteness check is one device sync per call.
+        RuntimeError
+            If ``E_q[1/sigma^2]`` overflows with finite inputs (features of very large scale).
+        """
         num_data = require_num_data(self.num_data)
-        ell = self.expected_log_likelihood(features, y).mean()
-        return -ell + self.kl_divergence() / num_data
+        phi = loss_features(features, self.in_features, self.noise_offset.dtype)
+        ell = self.expected_log_likelihood(phi, y).mean()
+        loss = -ell + self.kl_divergence() / num_data
+        if bool(torch.isfinite(loss.detach())):
+            return loss
+        with torch.no_grad():
+            s_l = self.noise_weights.cov.quad(phi.to(self.noise_offset.dtype))
+        largest = float(s_l.max()) if bool(torch.isfinite(s_l).all()) else float("inf")
+        overflow = (
+            f" (E_q[1/sigma^2] = exp(-mu_l + s_l^2 / 2) with log-noise variance s_l^2 up to "
+            f"{largest:.3g} at these features; it grows with their squared scale)"
+        )
+        return check_finite_loss(loss, phi, y, overflow)
 
     def elbo(self, features: Tensor, y: Tensor) -> Tensor:
         """Full-data evidence lower bound."""
@@ -188,6 +229,12 @@ class HeteroscedasticVBLLRegression(HeadFitMixin, nn.Module, Model):
     def _posterior(self, phi: Tensor, observation_noise: bool, joint: bool) -> GaussianPosterior:
         mean = self._mean(phi)
         noise = self.noise_variance(phi) if observation_noise else None  # (..., n, m)
+        if noise is not None and not bool(torch.isfinite(noise).all()):
+            raise ValueError(
+                f"X lies so far from the training features that the predicted noise variance "
+                f"E[sigma^2(x)] = exp(mu + s^2 / 2) overflows {phi.dtype}: query in float64 "
+                "or closer to the data"
+            )
         if joint:
             blocks = self.weights.cov.cross(phi, phi)  # (..., m, n, n)
             if noise is not None:

@@ -22,7 +22,7 @@ from bdl.core.training import (
     train,
     training_mode,
 )
-from bdl.core.validation import check_inputs, check_int, check_positive
+from bdl.core.validation import check_inputs, check_int, check_positive, network_input
 from bdl.lastlayer._dtype import module_dtype, posterior_in_input_dtype
 from bdl.lastlayer._fit import check_pair
 
@@ -67,7 +67,9 @@ class VBLLNetwork(nn.Module, Model):
         )
 
     def _posterior(self, x: Tensor, observation_noise: bool, joint: bool) -> Posterior:
-        return self.head.posterior(self.body(x), observation_noise=observation_noise, joint=joint)
+        with network_input(x):
+            features = self.body(x)
+        return self.head.posterior(features, observation_noise=observation_noise, joint=joint)
 
     def fit(
         self,

@@ -278,6 +278,19 @@ class VBLLRegression(GaussianLastLayer):
         Returns
         -------
         dict with ``log_evidence`` (m,), ``noise_variance`` (m,), ``prior_variance`` (m,).
+
+        Raises
+        ------
+        ValueError
+            Naming ``features`` or ``y`` (shape, dtype, NaN or inf), or for a single sample
+            with ``bias=True`` when the noise or the prior is to be learned (the offset takes
+            the only degree of freedom).
+
+        Notes
+        -----
+        The learned noise is floored at ``1e-10`` times the targets' second moment (centred
+        with ``bias=True``), or their squared level if they are constant, or 1 if they are
+        all zero, so that a perfect fit leaves a positive noise and a finite ``S``.
         """
         if learn_noise is None:
             learn_noise = isinstance(self.log_noise_std, nn.Parameter)
@@ -289,6 +302,13 @@ class VBLLRegression(GaussianLastLayer):
             raise ValueError("y contains NaN or inf")
         phi64, y64 = phi.double(), y.double()
         n, d = phi64.shape
+        if self.bias is not None and n < 2 and (learn_noise or learn_prior):
+            raise ValueError(
+                f"fit_closed_form needs at least 2 samples to learn the noise or the prior "
+                f"variance with bias=True, got features with {n} row: the offset takes the "
+                "only degree of freedom (pass learn_noise=False, learn_prior=False to keep them)"
+            )
+        level = y64.pow(2).mean(0)  # (m,) uncentred second moment of the targets
         if self.bias is not None:
             phi_mean, y_mean = phi64.mean(0), y64.mean(0)
             phi64, y64 = phi64 - phi_mean, y64 - y_mean
@@ -296,34 +316,17 @@ class VBLLRegression(GaussianLastLayer):
         evals = evals.clamp_min(0.0)
         proj = evecs.T @ (phi64.T @ y64)  # (d, m) rotated Phi^T y
         yy = y64.pow(2).sum(0)  # (m,)
+        # the noise floor is relative to the targets' (centred) second moment, to their level
+        # when they are constant, and to 1 when they are all zero: a positive noise keeps S
+        # finite
+        floor_scale = torch.where(yy > 0, yy / n, torch.where(level > 0, level, 1.0))
         n_eff = n - 1 if self.bias is not None else n
-        noise = self.noise_variance.double().clone()
-        prior = torch.full_like(noise, self.weights.prior_variance)
-        for _ in range(max_iter):
-            prec = evals[:, None] / noise + 1.0 / prior  # (d, m) posterior precision eigenvalues
-            w_rot = proj / noise / prec
-            resid = yy - 2.0 * (w_rot * proj).sum(0) + (evals[:, None] * w_rot.pow(2)).sum(0)
-            gamma = (evals[:, None] / noise / prec).sum(0)
-            # floors keep the fixed point away from the degenerate maxima at 0 (a perfect fit
-            # drives the noise to 0; a target with no signal drives the prior to 0)
-            noise_floor = 1e-10 * (yy / n).clamp_min(1e-30)
-            new_noise = (
-                (resid / (n_eff - gamma).clamp_min(1e-12)).maximum(noise_floor)
-                if learn_noise
-                else noise
-            )
-            # one prior variance shared by all outputs: pooled fixed point
-            pooled = (w_rot.pow(2).sum() / gamma.sum().clamp_min(1e-12)).clamp(1e-10, 1e6)
-            new_prior = pooled.expand_as(prior) if learn_prior else prior
-            change = ((new_noise - noise).abs() / noise).max() + (
-                (new_prior - prior).abs() / prior
-            ).max()
-            noise, prior = new_noise, new_prior
-            if change < tol:
-                break
-        prec = evals[:, None] / noise + 1.0 / prior
-        w_rot = proj / noise / prec
-        resid = yy - 2.0 * (w_rot * proj).sum(0) + (evals[:, None] * w_rot.pow(2)).sum(0)
+        noise, prior = evidence_fixed_point(
+            (evals, proj, yy, n_eff), self.noise_variance.double().clone(),
+            torch.full_like(yy, self.weights.prior_variance), 1e-10 * floor_scale,
+            learn_noise=learn_noise, learn_prior=learn_prior, max_iter=max_iter, tol=tol,
+        )  # fmt: skip
+        prec, w_rot, resid = _rotated_solution(evals, proj, yy, noise, prior)
         log_evidence = -0.5 * (
             n_eff * torch.log(2 * math.pi * noise)
             + d * torch.log(prior)
@@ -347,3 +350,53 @@ class VBLLRegression(GaussianLastLayer):
         if learn_noise:
             self.log_noise_std.copy_((0.5 * noise.log()).to(self.log_noise_std.dtype))
         return {"log_evidence": log_evidence, "noise_variance": noise, "prior_variance": prior}
+
+
+def _rotated_solution(
+    evals: Tensor, proj: Tensor, yy: Tensor, noise: Tensor, prior: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Posterior precision eigenvalues (d, m), rotated mean (d, m) and residual sum of
+    squares (m,) of Bayesian linear regression in the eigenbasis of ``Phi^T Phi``."""
+    prec = evals[:, None] / noise + 1.0 / prior
+    w_rot = proj / noise / prec
+    resid = yy - 2.0 * (w_rot * proj).sum(0) + (evals[:, None] * w_rot.pow(2)).sum(0)
+    return prec, w_rot, resid
+
+
+def evidence_fixed_point(
+    stats: tuple[Tensor, Tensor, Tensor, int],
+    noise: Tensor,
+    prior: Tensor,
+    noise_floor: Tensor,
+    *,
+    learn_noise: bool,
+    learn_prior: bool,
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, Tensor]:
+    """MacKay's fixed point for the noise (per output) and the pooled prior variance.
+
+    ``gamma = sum_i lam_i / (lam_i + sigma^2 / s_p)``, ``sigma^2 = ||y - Phi wbar||^2 /
+    (n_eff - gamma)`` and ``s_p = sum ||wbar||^2 / sum gamma``, from ``stats = (evals, proj,
+    yy, n_eff)``: eigenvalues of ``Phi^T Phi`` (d,), rotated ``Phi^T y`` (d, m), ``y^T y``
+    (m,) and the effective number of points. The floors keep it away from the degenerate
+    maxima at 0 (a perfect fit drives the noise to 0; a target with no signal the prior).
+    """
+    evals, proj, yy, n_eff = stats
+    for _ in range(max_iter):
+        prec, w_rot, resid = _rotated_solution(evals, proj, yy, noise, prior)
+        gamma = (evals[:, None] / noise / prec).sum(0)
+        new_noise = noise
+        if learn_noise:
+            new_noise = (resid / (n_eff - gamma).clamp_min(1e-12)).maximum(noise_floor)
+        new_prior = prior
+        if learn_prior:  # one prior variance shared by all outputs: pooled fixed point
+            pooled = (w_rot.pow(2).sum() / gamma.sum().clamp_min(1e-12)).clamp(1e-10, 1e6)
+            new_prior = pooled.expand_as(prior)
+        change = ((new_noise - noise).abs() / noise).max() + (
+            (new_prior - prior).abs() / prior
+        ).max()
+        noise, prior = new_noise, new_prior
+        if change < tol:
+            break
+    return noise, prior

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bdl.core.model import Model
 from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 from bdl.core.training import seeded_generator, train, training_mode
-from bdl.core.validation import check_choice, check_int, check_positive, check_tensor
+from bdl.core.validation import check_choice, check_int, check_positive, check_tensor, network_input
 from bdl.lastlayer._dtype import posterior_in_input_dtype
 from bdl.lastlayer._fit import train_head
 from bdl.lastlayer._wrap_utils import (
@@ -165,7 +165,7 @@ class VBLLWrapper(nn.Module, Model):
             raise ValueError("joint=True is only available for task='regression'")
         X = self._prepare_x(X, "X", cast=False)
         keep_grad = torch.is_grad_enabled() and X.requires_grad
-        with training_mode(self, False), torch.set_grad_enabled(keep_grad):
+        with training_mode(self, False), torch.set_grad_enabled(keep_grad), network_input(X):
             if not X.is_floating_point():  # e.g. token ids: the network's dtype
                 return self._posterior(X, observation_noise=observation_noise, joint=joint)
             return posterior_in_input_dtype(

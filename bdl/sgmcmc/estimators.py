@@ -3,7 +3,8 @@ r"""scikit-learn estimators that sample an MLP's weights with cyclical SG-MCMC.
 ``fit`` standardises the inputs (and the regressor's targets), builds a ReLU MLP with a
 Gaussian prior (per layer, scaled by fan-in, by default), picks the step size with
 :func:`bdl.sgmcmc.suggest_lr` when ``lr`` is None, runs the sampler for ``epochs`` passes
-under a cyclical cosine schedule (cSG-MCMC, Zhang et al., ICLR 2020) through
+(by default :data:`DEFAULT_EPOCHS`, and at least :data:`MIN_STEPS` optimisation steps on
+small data sets) under a cyclical cosine schedule (cSG-MCMC, Zhang et al., ICLR 2020) through
 :func:`bdl.core.training.train`, and keeps a few states from the end of every cycle. The
 fitted model ``model_`` is a :class:`~bdl.sgmcmc.SampleCollector` of those states behind the
 input and outcome transforms: class probabilities averaged over the samples, or for the
@@ -42,7 +43,11 @@ from bdl.sgmcmc.schedule import CyclicalSchedule
 
 __all__ = ["SGMCMCClassifier", "SGMCMCRegressor"]
 
-# the helper's old private name (kept for callers of the fan-in prior)
+#: passes over the data when ``epochs=None``
+DEFAULT_EPOCHS = 40
+#: with ``epochs=None``, at least this many optimisation steps (whole epochs, rounded up):
+#: a step budget counted in epochs alone leaves a small data set a few dozen steps
+MIN_STEPS = 1000
 
 _PARAMS_DOC = """
     hidden_sizes : sequence of int
@@ -62,8 +67,10 @@ _PARAMS_DOC = """
         ``sigma_w^2`` of the ``"fan_in"`` prior (ignored for a float ``prior_precision``).
     temperature : float
         Posterior temperature ``T`` (target ``exp(-U / T)``; 1 is the Bayesian posterior).
-    epochs : int
-        Passes over the training data.
+    epochs : int or None
+        Passes over the training data; ``None``: :data:`DEFAULT_EPOCHS` passes and at least
+        :data:`MIN_STEPS` optimisation steps (more passes on small data sets; fitted value in
+        ``n_epochs_``).
     batch_size : int
         Minibatch size.
     n_cycles : int
@@ -90,6 +97,10 @@ _PARAMS_DOC = """
         Cycles of the schedule.
     n_samples_ : int
         Weight samples kept.
+    n_epochs_ : int
+        Passes over the training data run.
+    n_iter_ : int
+        Optimisation steps run.
     loss_curve_ : list of float
         Mean training loss of every epoch."""
 
@@ -108,7 +119,7 @@ class _SGMCMCEstimator(BayesianEstimator):
         prior_precision: float | str = "fan_in",
         prior_weight_variance: float = 32.0,
         temperature: float = 1.0,
-        epochs: int = 40,
+        epochs: int | None = None,
         batch_size: int = 64,
         n_cycles: int = 8,
         exploration_fraction: float = 0.8,
@@ -145,7 +156,8 @@ class _SGMCMCEstimator(BayesianEstimator):
             check_positive("prior_precision", self.prior_precision, allow_zero=True)
         check_positive("prior_weight_variance", self.prior_weight_variance)
         check_positive("temperature", self.temperature, allow_zero=True)
-        check_int("epochs", self.epochs, minimum=1)
+        if self.epochs is not None:
+            check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size)
         check_int("n_cycles", self.n_cycles)
         _check_real("exploration_fraction", self.exploration_fraction, 0.0, 1.0, high_open=True)
@@ -157,6 +169,12 @@ class _SGMCMCEstimator(BayesianEstimator):
         with seeded(seed):
             net = network(in_features, self.hidden_sizes_, out_features)
         return net.to(device=self.device_, dtype=self.dtype_)
+
+    def _epochs(self, steps_per_epoch: int) -> int:
+        """Passes over the data: ``epochs``, or by default enough for :data:`MIN_STEPS`."""
+        if self.epochs is not None:
+            return int(self.epochs)
+        return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
 
     def _priors(self, net: nn.Module) -> list[float]:
         return prior_precisions(net, self.prior_precision, self.prior_weight_variance)
@@ -188,10 +206,13 @@ class _SGMCMCEstimator(BayesianEstimator):
             batch_size=self.batch_size, generator=generator, noise_generator=noise_generator,
         )  # fmt: skip
         self.lr_ = opt.defaults["lr"]
+        steps_per_epoch = math.ceil(n / batch)
+        self.n_epochs_ = self._epochs(steps_per_epoch)
         total, cycles, thin = cycle_layout(
-            math.ceil(n / batch), self.epochs, self.n_cycles, self.exploration_fraction,
+            steps_per_epoch, self.n_epochs_, self.n_cycles, self.exploration_fraction,
             self.samples_per_cycle,
         )  # fmt: skip
+        self.n_iter_ = total
         schedule = CyclicalSchedule(opt, total, cycles, self.exploration_fraction)
         chain = SampleCollector(model, thin=thin, schedule=schedule)
         self.n_cycles_ = cycles
@@ -207,7 +228,7 @@ class _SGMCMCEstimator(BayesianEstimator):
 
         self.loss_curve_ = train(
             lambda xb, yb: loss_fn(model(xb), yb), opt, tensor_batches((x, y), batch, generator),
-            self.epochs, before_step=None if lr_scale is None else before_step,
+            self.n_epochs_, before_step=None if lr_scale is None else before_step,
             after_step=after_step, module=model, verbose=self.verbose, desc=type(self).__name__,
         )  # fmt: skip
         model.eval()

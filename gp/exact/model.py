@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bdl.core.linalg import psd_safe_cholesky
+from bdl.core.linalg import JitterWarning, psd_safe_cholesky
 from bdl.core.model import Model, cast_posterior
 from bdl.core.posterior import GaussianPosterior
 from bdl.core.validation import check_inputs
@@ -18,7 +19,7 @@ from gp.fitting import MarginalLikelihoodFit
 from gp.kernels.matvec import cross_covariance_chunks, kernel_diag
 from gp.likelihoods import NOISE_LOWER_BOUND
 
-__all__ = ["ExactGP", "gaussian_log_marginal_likelihood"]
+__all__ = ["ExactGP", "gaussian_log_marginal_likelihood", "psd_posterior_covariance"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _MEANS = ("constant", "zero")
@@ -84,6 +85,57 @@ def gaussian_log_marginal_likelihood(K: Tensor, r: Tensor) -> Tensor:
     K = K.expand(*batch, *K.shape[-2:])
     r = r.expand(*batch, r.shape[-1])
     return _CholeskyLML.apply(K, r)
+
+
+def psd_posterior_covariance(cov: Tensor, prior: Tensor, n: int, max_tries: int = 7) -> Tensor:
+    """``cov`` itself if it has a Cholesky factor, else ``cov + jitter I`` with the smallest
+    jitter of a bounded ladder that has one, reported by a ``JitterWarning``.
+
+    A posterior covariance ``K_** - K_*X (K + s I)^-1 K_X*`` is positive semi-definite, but at
+    (or next to) the training inputs of a nearly noiseless fit its eigenvalues are of the
+    order of the noise, below the rounding error of the subtraction, which is about
+    ``eps * n * max diag K_**`` (``n`` terms of size up to ``K_**`` in each entry). The jitter
+    therefore starts at that size, relative to the *prior* variance (a jitter relative to
+    the posterior's own, tiny, diagonal cannot reach the rounding error) and grows tenfold
+    per try, at most ``max_tries`` times.
+
+    Parameters
+    ----------
+    cov : Tensor, shape (..., k, k)
+        Posterior covariance (symmetric).
+    prior : Tensor, shape (..., k, k)
+        Prior covariance ``K_**`` of the same points.
+    n : int
+        Number of training points.
+
+    Raises
+    ------
+    torch.linalg.LinAlgError
+        If even the largest jitter leaves ``cov`` without a Cholesky factor.
+    """
+    _, info = torch.linalg.cholesky_ex(cov)
+    if not bool(info.any()):
+        return cov
+    scale = prior.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(cov.dtype).tiny)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    relative = torch.finfo(cov.dtype).eps * max(n, 1)
+    for _ in range(max_tries):
+        jittered = cov + (relative * scale)[..., None, None] * eye
+        _, info = torch.linalg.cholesky_ex(jittered)
+        if not bool(info.any()):
+            warnings.warn(
+                f"the posterior covariance was not numerically positive definite; added "
+                f"jitter {relative:.1e} x the largest prior variance "
+                f"({float(relative * scale.max()):.1e}) to its diagonal",
+                JitterWarning,
+                stacklevel=3,
+            )
+            return jittered
+        relative *= 10.0
+    raise torch.linalg.LinAlgError(
+        f"the posterior covariance is not positive definite even with jitter "
+        f"{relative / 10:.1e} x the largest prior variance; compute in float64"
+    )
 
 
 def _as_targets(y: object, X: Tensor) -> Tensor:
@@ -170,7 +222,10 @@ class ExactGP(nn.Module, NoiseMixin, MarginalLikelihoodFit, Model):
     Computation happens in the dtype of the data (cast the module with ``.double()`` for
     float64); :meth:`posterior` computes in the promoted dtype of the data and ``X`` and
     answers in ``X``'s. Non-positive-definite matrices get bounded jitter with a
-    ``JitterWarning``.
+    ``JitterWarning``; a joint posterior covariance gets it relative to the prior variance
+    (:func:`psd_posterior_covariance`), so that posteriors at the training inputs of a
+    nearly noiseless fit can be sampled and scored. The noise stays above
+    ``noise_lower_bound``, so constant or noiseless targets keep a positive noise.
     """
 
     def __init__(
@@ -342,6 +397,7 @@ class ExactGP(nn.Module, NoiseMixin, MarginalLikelihoodFit, Model):
         if observation_noise:
             eye = torch.eye(Xs.shape[-2], dtype=dtype, device=X.device)
             cov = cov + noise[..., None] * eye
+        cov = psd_posterior_covariance(cov, Kss, X.shape[-2])
         batch = torch.broadcast_shapes(mean.shape[:-2], cov.shape[:-2])
         mean = mean.expand(*batch, *mean.shape[-2:])
         return GaussianPosterior(mean, covariance=cov.expand(*batch, *cov.shape[-2:]))

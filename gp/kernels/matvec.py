@@ -44,7 +44,8 @@ def _dense(value: object) -> Tensor:
     return value.to_dense() if hasattr(value, "to_dense") else value
 
 
-def _check_inputs(X: Tensor, Z: Tensor | None = None) -> None:
+def _check_inputs(X: Tensor, Z: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Shapes, floating dtypes and finiteness of ``X`` and ``Z``; both in their promoted dtype."""
     if not isinstance(X, Tensor) or X.dim() < 2:
         raise ValueError(f"X must be a tensor of shape (..., n, d), got {getattr(X, 'shape', X)}")
     if Z is not None:
@@ -56,6 +57,25 @@ def _check_inputs(X: Tensor, Z: Tensor | None = None) -> None:
             raise ValueError(
                 f"Z has {Z.shape[-1]} input dimensions but X has {X.shape[-1]}; they must match"
             )
+    named = {"X": X} if Z is None else {"X": X, "Z": Z}
+    X, *rest = _promote_finite(named)
+    return X, (rest[0] if rest else None)
+
+
+def _promote_finite(named: dict[str, Tensor]) -> list[Tensor]:
+    """The tensors in their promoted floating dtype; ValueErrors name a non-floating or
+    non-finite one (one device sync for the finiteness of all of them)."""
+    for name, value in named.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    finite = torch.stack([torch.isfinite(v).all() for v in named.values()]).tolist()
+    for name, ok in zip(named, finite, strict=True):
+        if not ok:
+            raise ValueError(f"{name} contains NaN or inf")
+    dtype = named["X"].dtype
+    for value in named.values():
+        dtype = torch.promote_types(dtype, value.dtype)
+    return [value.to(dtype) for value in named.values()]
 
 
 def default_tile_size(n_cols: int, batch_numel: int = 1, dtype: torch.dtype = torch.float64) -> int:
@@ -99,8 +119,13 @@ def kernel_diag(kernel: Kernel, X: Tensor) -> Tensor:
     -------
     Tensor, shape (..., n)
         Broadcast over the batch shapes of ``X`` and the kernel.
+
+    Raises
+    ------
+    ValueError
+        ``X`` of a bad shape, not floating point, or with NaN or inf entries.
     """
-    _check_inputs(X)
+    X, _ = _check_inputs(X)
     return _dense(kernel(X, X, diag=True))
 
 
@@ -122,9 +147,15 @@ def cross_covariance_chunks(
     start : int
         Index of the first row of the tile.
     block : Tensor, shape (..., rows, m)
-        ``K(X[..., start:start + rows, :], Z)`` with ``rows <= tile_size``.
+        ``K(X[..., start:start + rows, :], Z)`` with ``rows <= tile_size``, in the promoted
+        dtype of ``X`` and ``Z`` (and the kernel's parameters).
+
+    Raises
+    ------
+    ValueError
+        ``X`` or ``Z`` of a bad shape, not floating point, or with NaN or inf entries.
     """
-    _check_inputs(X, Z)
+    X, Z = _check_inputs(X, Z)
     n, m = X.shape[-2], Z.shape[-2]
     batch = torch.broadcast_shapes(X.shape[:-2], Z.shape[:-2], kernel.batch_shape)
     tile = _resolve_tile(tile_size, m, batch.numel(), X.dtype)
@@ -208,13 +239,15 @@ def kernel_matvec(
     Returns
     -------
     Tensor, shape (..., n, k) or (..., n) for a 1-D ``V``
-        Leading batch shape is the broadcast of those of ``X``, ``Z``, ``V`` and the kernel.
+        Leading batch shape is the broadcast of those of ``X``, ``Z``, ``V`` and the kernel;
+        computed in the promoted dtype of ``X``, ``Z``, ``V`` (and the kernel's parameters).
 
     Raises
     ------
     ValueError
-        Bad shapes, ``tile_size`` or ``backend``; ``backend="keops"`` on CPU tensors
-        without ``allow_keops_cpu``.
+        Bad shapes, ``tile_size`` or ``backend``; ``X``, ``Z`` or ``V`` not floating point
+        or with NaN or inf entries (named); ``backend="keops"`` on CPU tensors without
+        ``allow_keops_cpu``.
     TypeError
         ``backend="keops"`` with a kernel it does not support.
     ImportError
@@ -227,9 +260,10 @@ def kernel_matvec(
     about one tile in both passes. Without gradients the result is written into one
     preallocated output, so the extra memory is one tile plus ``O(n k + m d)``.
     """
-    _check_inputs(X, Z)
     if not isinstance(V, Tensor) or V.dim() < 1:
         raise ValueError(f"V must be a tensor of shape (..., m, k) or (m,), got {V!r}")
+    _check_inputs(X, Z)  # shapes
+    X, Z, V = _promote_finite({"X": X, "Z": Z, "V": V})
     vector = V.dim() == 1
     if vector:
         V = V.unsqueeze(-1)

@@ -172,3 +172,22 @@ def test_joint_posterior_matches_marginals(case, fitted):
     n, m = marginal.mean.shape[-2:]
     diag = joint.covariance_matrix.diagonal(dim1=-2, dim2=-1).reshape(n, m)
     torch.testing.assert_close(diag, marginal.variance, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in ESTIMATOR_CASES if c.task == "classification"], ids=str
+)
+def test_classifier_log_proba_and_label_indices(case, fitted):
+    est, X, y = fitted(case)
+    np.testing.assert_allclose(
+        np.exp(est.predict_log_proba(X[:5])), est.predict_proba(X[:5]), rtol=1e-12
+    )
+    labels = est.classes_[y[:5]]
+    idx = est.label_indices(labels)
+    np.testing.assert_array_equal(est.classes_[idx], labels)
+    lp = est.posterior(X[:5]).log_prob(torch.as_tensor(idx))
+    np.testing.assert_allclose(
+        lp.numpy(), np.log(est.predict_proba(X[:5])[np.arange(5), idx]), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="y holds labels not in classes_"):
+        est.label_indices(np.array([12345]))

@@ -96,3 +96,49 @@ def test_default_tile_is_about_tile_bytes_and_bad_input() -> None:
         kernel_matvec(k, X, X, torch.ones(4, 1, dtype=DT))
     with pytest.raises(ValueError, match="Z"):
         kernel_matvec(k, X, torch.randn(5, 3, dtype=DT), torch.ones(5, 1, dtype=DT))
+
+
+@pytest.mark.parametrize("backend", ["torch", "gpytorch"])
+@pytest.mark.parametrize("name", ["X", "Z", "V"])
+def test_non_finite_inputs_are_refused_naming_them(backend: str, name: str) -> None:
+    args = {"X": torch.randn(5, 2, dtype=DT), "Z": torch.randn(4, 2, dtype=DT)}
+    args["V"] = torch.randn(4, dtype=DT)
+    for bad in (float("nan"), float("inf")):
+        values = {k: v.clone() for k, v in args.items()}
+        values[name].view(-1)[1] = bad
+        with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+            kernel_matvec(_kernel(), values["X"], values["Z"], values["V"], backend=backend)
+    if name != "V":
+        values = {k: v.clone() for k, v in args.items()}
+        values[name][0, 0] = float("nan")
+        with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+            next(cross_covariance_chunks(_kernel(), values["X"], values["Z"]))
+        with pytest.raises(ValueError, match="X contains NaN or inf"):  # its argument is X
+            kernel_diag(_kernel(), values[name])
+
+
+@pytest.mark.parametrize("backend", ["torch", "gpytorch"])
+def test_mixed_dtypes_compute_in_the_promoted_dtype(backend: str) -> None:
+    k = _kernel()
+    X, Z, V = torch.randn(6, 2, dtype=DT), torch.randn(5, 2, dtype=DT), torch.randn(5, 3, dtype=DT)
+    reference = k(X, Z).to_dense() @ V
+    mixes = [(X.float(), Z, V), (X, Z.float(), V), (X, Z, V.float()), (X.float(), Z.float(), V)]
+    for Xi, Zi, Vi in mixes:
+        out = kernel_matvec(k, Xi, Zi, Vi, backend=backend)
+        assert out.dtype == DT
+        # a float32 argument carries float32 rounding (relative 6e-8) into the result
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    # a float32 kernel with float64 data computes in float64
+    out = kernel_matvec(_kernel().float(), X, Z, V, backend=backend)
+    assert out.dtype == DT
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    chunks = torch.cat([b for _, b in cross_covariance_chunks(k, X.float(), Z, tile_size=4)], -2)
+    torch.testing.assert_close(chunks, k(X, Z).to_dense(), rtol=1e-6, atol=1e-6)
+
+
+def test_integer_inputs_are_refused_naming_them() -> None:
+    X, Z = torch.randn(5, 2, dtype=DT), torch.randn(4, 2, dtype=DT)
+    with pytest.raises(ValueError, match="V must have a floating-point dtype"):
+        kernel_matvec(_kernel(), X, Z, torch.arange(4))
+    with pytest.raises(ValueError, match="X must have a floating-point dtype"):
+        kernel_matvec(_kernel(), torch.ones(5, 2, dtype=torch.long), Z, torch.ones(4, dtype=DT))

@@ -226,3 +226,27 @@ def test_bad_inputs_raise_clear_errors():
         SparseGPClassifier(epochs=1).fit(X, np.zeros(30))
     with pytest.raises(ValueError, match="Unknown label type"):
         SparseGPClassifier(epochs=1).fit(X, y)
+
+
+@pytest.mark.parametrize("Est", [SparseGPRegressor, SparseGPClassifier])
+def test_pandas_input_keeps_feature_names(Est):
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.uniform(-2, 2, (30, 3)), columns=["a", "b", "c"])
+    y = (X["a"] > 0).astype(int).to_numpy() if Est is SparseGPClassifier else X["a"].to_numpy()
+    model = Est(num_inducing=8, epochs=2, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(model.feature_names_in_, ["a", "b", "c"])
+    assert model.predict(X).shape == (30,)
+    with pytest.warns(UserWarning, match="feature names"):
+        model.predict(X.to_numpy())  # scikit-learn's warning: fitted with names
+
+
+def test_classifier_log_prob_with_original_labels_points_to_classes():
+    X = np.random.default_rng(0).uniform(-2, 2, (30, 3))
+    labels = np.where(X[:, 0] > 0, "yes", "no")
+    model = SparseGPClassifier(num_inducing=8, epochs=2, random_state=0).fit(X, labels)
+    post = model.posterior(X)
+    with pytest.raises(ValueError, match="classes_"):
+        post.log_prob(labels)
+    indices = torch.as_tensor(np.searchsorted(model.classes_, labels))
+    assert bool(torch.isfinite(post.log_prob(indices)).all())
