@@ -26,7 +26,16 @@ class _HasLML(Protocol):
 
 def _objective(model: _HasLML) -> Tensor:
     """``-log p(y)`` of the model's data (summed over a batch of GPs if there is one)."""
-    loss = -model.log_marginal_likelihood().sum()
+    try:
+        loss = -model.log_marginal_likelihood().sum()
+    except ValueError as err:
+        if "NaN or inf" not in str(err):
+            raise
+        raise RuntimeError(
+            "the kernel matrix became NaN or inf during fitting: a hyperparameter left its "
+            "numerically valid range (e.g. a lengthscale underflowed to 0); bound it with a "
+            "gpytorch constraint such as lengthscale_constraint=GreaterThan(1e-3)"
+        ) from err
     if not bool(torch.isfinite(loss)):
         raise RuntimeError(
             f"the log marginal likelihood is not finite ({-float(loss)}) at the current "

@@ -30,6 +30,7 @@ from torch.distributions import Bernoulli, Poisson
 
 __all__ = [
     "LIKELIHOODS",
+    "LENGTHSCALE_LOWER_BOUND",
     "NOISE_LOWER_BOUND",
     "BernoulliLikelihood",
     "BernoulliLogitLikelihood",
@@ -45,6 +46,9 @@ LIKELIHOODS = ("gaussian", "bernoulli", "poisson", "softmax")
 #: Default lower bound of a Gaussian noise variance (in the units the GP is fitted in;
 #: standardised targets in the estimators), as BoTorch's ``MIN_INFERRED_NOISE_LEVEL``.
 NOISE_LOWER_BOUND = 1e-6
+
+#: Lower bound of the default kernels' lengthscales in the estimators (standardised inputs).
+LENGTHSCALE_LOWER_BOUND = 1e-3
 
 
 class PoissonLikelihood(_OneDimensionalLikelihood):

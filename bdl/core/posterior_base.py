@@ -1,16 +1,8 @@
 """The abstract predictive distribution every posterior kind implements.
 
-Every model answers ``model.posterior(X)`` with one of three kinds:
-
-- :class:`GaussianPosterior`: a mean and either per-point variances (heads that only give
-  marginals) or a full joint covariance over the ``n`` points (GPs).
-- :class:`CategoricalPosterior`: class probabilities, with the per-draw probabilities they were
-  averaged from when there are any.
-- :class:`SamplePosterior`: a stack of function draws (SG-MCMC chains, ensembles, weight
-  samples), optionally with per-draw observation noise, read as an equal-weight mixture.
-
-Shapes follow BoTorch: ``mean`` and ``variance`` are ``(..., n, m)`` with ``...`` any batch
-shape, ``n`` points and ``m`` outputs. Samples are ``(*sample_shape, ..., n, m)``.
+The kinds (Gaussian, categorical, sample) live in their own modules and are re-exported by
+:mod:`bdl.core.posterior`. Shapes follow BoTorch: ``mean`` and ``variance`` are
+``(..., n, m)``; samples are ``(*sample_shape, ..., n, m)``.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gpytorch.constraints import GreaterThan
 from gpytorch.kernels import Kernel, MaternKernel, ScaleKernel
 
 from gp._regressor import MarginalLikelihoodRegressor
 from gp.exact.model import ExactGP
-from gp.likelihoods import NOISE_LOWER_BOUND
+from gp.likelihoods import LENGTHSCALE_LOWER_BOUND, NOISE_LOWER_BOUND
 
 __all__ = ["GPRegressor"]
 
@@ -26,7 +27,8 @@ class GPRegressor(MarginalLikelihoodRegressor):
     kernel : gpytorch.kernels.Kernel, optional
         Prior covariance on the *standardised* inputs (initial hyperparameters); deep-copied
         in ``fit``, never modified. Default: ``ScaleKernel(MaternKernel(nu=2.5,
-        ard_num_dims=d))`` (one length scale per input column).
+        ard_num_dims=d))`` (one length scale per input column, each bounded below by
+        ``gp.likelihoods.LENGTHSCALE_LOWER_BOUND``).
     noise : float, default 0.1
         Initial observation-noise variance in standardised target units.
     optimizer : {"lbfgs", "adam"}, default "lbfgs"
@@ -91,7 +93,15 @@ class GPRegressor(MarginalLikelihoodRegressor):
         self.noise_lower_bound = noise_lower_bound
 
     def _default_kernel(self, n_features: int) -> Kernel:
-        return ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=n_features))
+        # lengthscales bounded below (standardised inputs): an unbounded one can underflow to 0
+        # in an L-BFGS line search and turn the kernel matrix into NaN
+        return ScaleKernel(
+            MaternKernel(
+                nu=2.5,
+                ard_num_dims=n_features,
+                lengthscale_constraint=GreaterThan(LENGTHSCALE_LOWER_BOUND),
+            )
+        )
 
     def _build_model(self, kernel: Kernel) -> ExactGP:
         return ExactGP(
