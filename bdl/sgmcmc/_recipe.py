@@ -44,7 +44,7 @@ def network(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Se
 
 
 def prior_precisions(
-    net: nn.Module, prior_precision: float | str, weight_variance: float
+    net: nn.Module, prior_precision: float | str, weight_variance: float | Sequence[float]
 ) -> list[float]:
     r"""Gaussian prior precision of every trainable parameter of ``net``, in parameter order.
 
@@ -52,16 +52,25 @@ def prior_precisions(
     layer's weight prior by its fan-in, :math:`w \sim \mathcal N(0, \sigma_w^2 / n_{\mathrm{in}})`
     (the parametrisation of the NNGP / He priors: a layer's prior pre-activation variance is
     :math:`\sigma_w^2` times its inputs' mean square, whatever its width), and gives biases
-    :math:`\mathcal N(0, 1)`.
+    :math:`\mathcal N(0, 1)`. ``weight_variance`` is :math:`\sigma_w^2`, one float for every
+    layer or a pair: that of the input layer (the first linear layer) and that of every
+    later layer.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     if not isinstance(prior_precision, str):
         return [float(prior_precision)] * len(params)
+    first, later = _variance_pair(weight_variance)
     by_id = {}
-    for module in net.modules():
-        if isinstance(module, nn.Linear):
-            by_id[id(module.weight)] = module.in_features / weight_variance
+    for i, module in enumerate(m for m in net.modules() if isinstance(m, nn.Linear)):
+        by_id[id(module.weight)] = module.in_features / (first if i == 0 else later)
     return [by_id.get(id(p), 1.0) for p in params]
+
+
+def _variance_pair(weight_variance: float | Sequence[float]) -> tuple[float, float]:
+    if isinstance(weight_variance, (tuple, list)):
+        first, later = weight_variance
+        return float(first), float(later)
+    return float(weight_variance), float(weight_variance)
 
 
 class _LogNoise(nn.Module):

@@ -2,15 +2,15 @@ r"""scikit-learn estimators that sample an MLP's weights with cyclical SG-MCMC.
 
 ``fit`` standardises the inputs (and the regressor's targets), builds a ReLU MLP with a
 Gaussian prior (per layer, scaled by fan-in, by default), picks the step size with
-:func:`bdl.sgmcmc.suggest_lr` when ``lr`` is None, runs the sampler for ``epochs`` passes
-(by default :data:`DEFAULT_EPOCHS`, and at least :data:`MIN_STEPS` optimisation steps on
-small data sets) under a cyclical cosine schedule (cSG-MCMC, Zhang et al., ICLR 2020) through
-:func:`bdl.core.training.train`, and keeps a few states from the end of every cycle. The
-fitted model ``model_`` is a :class:`~bdl.sgmcmc.SampleCollector` of those states behind the
-input and outcome transforms: class probabilities averaged over the samples, or for the
-regressor the mixture of :math:`\mathcal N(f_s(x), \sigma_s^2)`, whose noise
-:math:`\sigma_s` is sampled with the weights. The user guide's "Estimators" section explains
-every default.
+:func:`bdl.sgmcmc.suggest_lr` when ``lr`` is None, runs the sampler for ``epochs`` passes (by
+default :data:`DEFAULT_EPOCHS`, the classifier at least :data:`MIN_STEPS` optimisation steps:
+more passes on small data sets) under a cyclical cosine schedule (cSG-MCMC, Zhang et al.,
+ICLR 2020) through :func:`bdl.core.training.train`, and keeps a few states from the end of
+every cycle. The fitted model ``model_`` is a :class:`~bdl.sgmcmc.SampleCollector` of those
+states behind the input and outcome transforms: class probabilities averaged over the
+samples, or for the regressor the mixture of :math:`\mathcal N(f_s(x), \sigma_s^2)`, whose
+noise :math:`\sigma_s` is sampled with the weights. The user guide's "Estimators" section
+explains every default.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ __all__ = ["SGMCMCClassifier", "SGMCMCRegressor"]
 
 #: passes over the data when ``epochs=None``
 DEFAULT_EPOCHS = 40
-#: with ``epochs=None``, at least this many optimisation steps (whole epochs, rounded up):
-#: a step budget counted in epochs alone leaves a small data set a few dozen steps
-MIN_STEPS = 1000
+#: the classifier's ``epochs=None`` runs at least this many optimisation steps (whole
+#: epochs, rounded up): a budget counted in epochs alone leaves a small data set a few
+#: dozen steps
+MIN_STEPS = 500
 
 _PARAMS_DOC = """
     hidden_sizes : sequence of int
@@ -60,17 +61,22 @@ _PARAMS_DOC = """
     momentum_decay : float
         SGHMC friction ``alpha`` in ``(0, 1]`` (``1 - momentum``); ignored by the others.
     prior_precision : float or "fan_in"
-        ``"fan_in"``: weights ``N(0, prior_weight_variance / fan_in)``, biases ``N(0, 1)``;
+        ``"fan_in"``: weights ``N(0, sigma_w^2 / fan_in)``, biases ``N(0, 1)``;
         a float: the precision of an isotropic Gaussian prior on every weight and bias (0:
         flat).
-    prior_weight_variance : float
-        ``sigma_w^2`` of the ``"fan_in"`` prior (ignored for a float ``prior_precision``).
+    prior_weight_variance : float or pair of floats
+        ``sigma_w^2`` of the ``"fan_in"`` prior (ignored for a float ``prior_precision``):
+        one value for every layer, or ``(input layer, later layers)``. The default
+        ``(32, 64)`` is 32 times the variance-preserving scale of each layer: ``1 / fan_in``
+        on the standardised inputs, ``2 / fan_in`` (He) after a ReLU, which halves the
+        second moment.
     temperature : float
         Posterior temperature ``T`` (target ``exp(-U / T)``; 1 is the Bayesian posterior).
     epochs : int or None
-        Passes over the training data; ``None``: :data:`DEFAULT_EPOCHS` passes and at least
-        :data:`MIN_STEPS` optimisation steps (more passes on small data sets; fitted value in
-        ``n_epochs_``).
+        Passes over the training data; ``None``: :data:`DEFAULT_EPOCHS` passes, and for the
+        classifier at least :data:`MIN_STEPS` optimisation steps (more passes on small data
+        sets; the regressor's sampled noise shrinks in longer runs, so its budget has no
+        floor). Fitted value in ``n_epochs_``.
     batch_size : int
         Minibatch size.
     n_cycles : int
@@ -109,6 +115,7 @@ class _SGMCMCEstimator(BayesianEstimator):
     """Shared parameters, checks and sampling run of the two estimators (not public)."""
 
     _default_dtype = torch.float32
+    _min_steps = 0
 
     def __init__(
         self,
@@ -117,7 +124,7 @@ class _SGMCMCEstimator(BayesianEstimator):
         lr: float | None = None,
         momentum_decay: float = 0.1,
         prior_precision: float | str = "fan_in",
-        prior_weight_variance: float = 32.0,
+        prior_weight_variance: float | tuple[float, float] = (32.0, 64.0),
         temperature: float = 1.0,
         epochs: int | None = None,
         batch_size: int = 64,
@@ -154,7 +161,7 @@ class _SGMCMCEstimator(BayesianEstimator):
             check_choice("prior_precision", self.prior_precision, PRIORS)
         else:
             check_positive("prior_precision", self.prior_precision, allow_zero=True)
-        check_positive("prior_weight_variance", self.prior_weight_variance)
+        self._check_weight_variance()
         check_positive("temperature", self.temperature, allow_zero=True)
         if self.epochs is not None:
             check_int("epochs", self.epochs, minimum=1)
@@ -170,11 +177,24 @@ class _SGMCMCEstimator(BayesianEstimator):
             net = network(in_features, self.hidden_sizes_, out_features)
         return net.to(device=self.device_, dtype=self.dtype_)
 
+    def _check_weight_variance(self) -> None:
+        value = self.prior_weight_variance
+        if not isinstance(value, (tuple, list)):
+            check_positive("prior_weight_variance", value)
+            return
+        if len(value) != 2:
+            raise ValueError(
+                "prior_weight_variance must be a float or a pair (input layer, later layers), "
+                f"got {len(value)} values"
+            )
+        check_positive("prior_weight_variance[0]", value[0])
+        check_positive("prior_weight_variance[1]", value[1])
+
     def _epochs(self, steps_per_epoch: int) -> int:
-        """Passes over the data: ``epochs``, or by default enough for :data:`MIN_STEPS`."""
+        """Passes over the data: ``epochs``, or by default enough for ``_min_steps``."""
         if self.epochs is not None:
             return int(self.epochs)
-        return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
+        return max(DEFAULT_EPOCHS, math.ceil(self._min_steps / steps_per_epoch))
 
     def _priors(self, net: nn.Module) -> list[float]:
         return prior_precisions(net, self.prior_precision, self.prior_weight_variance)
@@ -244,6 +264,8 @@ class SGMCMCClassifier(BayesianClassifierMixin, ClassifierMixin, _SGMCMCEstimato
         "    Parameters\n    ----------" + _PARAMS_DOC + "\n"
     )
 
+    _min_steps = MIN_STEPS
+
     def fit(self, X, y) -> SGMCMCClassifier:
         """Sample the posterior given ``X`` (n, d) and labels ``y`` (n,); returns self."""
         self._check_params()
@@ -268,6 +290,8 @@ class SGMCMCRegressor(BayesianRegressorMixin, RegressorMixin, _SGMCMCEstimator):
         "    Parameters\n    ----------" + _PARAMS_DOC + "\n"
     )
 
+    _min_steps = 0
+
     def fit(self, X, y) -> SGMCMCRegressor:
         """Sample the posterior given ``X`` (n, d) and targets ``y`` (n,) or (n, m)."""
         self._check_params()
@@ -288,7 +312,14 @@ class SGMCMCRegressor(BayesianRegressorMixin, RegressorMixin, _SGMCMCEstimator):
 
         def lr_scale() -> float:
             # sigma^2 preconditioning of the network weights (user guide, "Estimators")
-            return start / float(torch.exp(-2.0 * model.log_noise_std.detach()).sum())
+            precision = float(torch.exp(-2.0 * model.log_noise_std.detach()).sum())
+            if not 0.0 < precision < math.inf:
+                raise RuntimeError(
+                    "the chain diverged: the sampled noise sd left the floating-point range "
+                    f"(log sd {model.log_noise_std.detach().tolist()}); pass an lr below "
+                    f"the one used ({self.lr_:.3g})"
+                )
+            return start / precision
 
         collector = self._sample(
             model, model.loss, (x, targets), priors, seed, lr_scale, task="regression",
