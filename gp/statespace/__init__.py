@@ -6,10 +6,11 @@ becomes Kalman filtering and RTS smoothing at O(n) cost, sequentially (:mod:`.ka
 parallel-in-time scans (:mod:`.parallel`), for one series or a batch; joint posterior
 draws come from forward-filtering backward-sampling (:mod:`.ffbs`, packaged by
 :mod:`.smoothing`). The user-facing model is :class:`StateSpaceGP` (a
-:class:`bdl.core.Model`); :class:`StateSpaceGPRegressor` (in :mod:`.estimators`) wraps it as
-a scikit-learn estimator. Non-Gaussian likelihoods (the classes of :mod:`gp.likelihoods`:
-Bernoulli, Poisson) use conjugate-computation variational inference on Gaussian sites
-(:mod:`.cvi`, expectations in :mod:`.likelihoods`).
+:class:`bdl.core.Model`); :class:`TrendGP` (in :mod:`.trend`) adds a polynomial mean with
+a flat prior on its coefficients, and :class:`StateSpaceGPRegressor` (in :mod:`.estimators`)
+wraps both as a scikit-learn estimator. Non-Gaussian likelihoods (the classes of
+:mod:`gp.likelihoods`: Bernoulli, Poisson) use conjugate-computation variational inference
+on Gaussian sites (:mod:`.cvi`, expectations in :mod:`.likelihoods`).
 """
 
 from .cvi import (
@@ -25,7 +26,7 @@ from .discretise import discretise
 from .ffbs import StateSpacePosterior, backward_sample, psd_factor
 from .grid import TimeGrid, make_grid
 from .kalman import FilterResult, kalman_filter, rts_smoother
-from .kernels import constant_sde, kernel_to_sde, matern_sde
+from .kernels import constant_sde, kernel_to_sde, matern_sde, rescale_time
 from .likelihoods import (
     BernoulliLogitLikelihood,
     PoissonLikelihood,
@@ -43,6 +44,7 @@ from .parallel import (
 from .periodic import cosine_sde, periodic_sde, periodic_series, product_sde
 from .sde import LTISDE, stack_sdes
 from .smoothing import filter_grid, noise_on_grid, smoothing_posterior
+from .trend import TrendGP
 
 __all__ = [
     "LTISDE",
@@ -55,6 +57,7 @@ __all__ = [
     "StateSpaceGP",
     "StateSpacePosterior",
     "TimeGrid",
+    "TrendGP",
     "associative_scan",
     "backward_sample",
     "cosine_sde",
@@ -78,6 +81,7 @@ __all__ = [
     "predictive_moments",
     "product_sde",
     "psd_factor",
+    "rescale_time",
     "resolve_method",
     "rts_smoother",
     "smoothing_posterior",

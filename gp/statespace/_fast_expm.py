@@ -347,3 +347,67 @@ def expm_adjoint(F, dt, G, gF):  # noqa: ANN001, ANN201
         for i in range(d):
             for j in range(d):
                 gF[i, j] += tau * L[i, j]
+
+
+# ----------------------------------------------------- block-diagonal F (sums of kernels)
+
+
+@njit(cache=True, error_model="numpy")
+def block_powers(F, bounds):  # noqa: ANN001, ANN201
+    """Normalised powers and norms of the diagonal blocks of ``F``.
+
+    ``bounds`` (nb + 1,) are the block offsets. Returns ``P`` (nb, 14, dmax, dmax) with
+    ``P[b, :, :d_b, :d_b] = normalised_powers(F_b, norm_b)`` and ``norms`` (nb,). Each block
+    is later scaled by its own norm: one scaling-and-squaring over the whole of ``F`` would
+    scale a slow block by the norm of the fastest one and square away its accuracy.
+    """
+    nb = bounds.shape[0] - 1
+    dmax = 0
+    for b in range(nb):
+        dmax = max(dmax, bounds[b + 1] - bounds[b])
+    P = np.zeros((nb, 14, dmax, dmax))
+    norms = np.empty(nb)
+    for b in range(nb):
+        s = bounds[b]
+        db = bounds[b + 1] - s
+        Fb = np.empty((db, db))
+        for i in range(db):
+            for j in range(db):
+                Fb[i, j] = F[s + i, s + j]
+        norm = _norm1_both(Fb)
+        if norm == 0.0:
+            norm = 1.0
+        norms[b] = norm
+        P[b, :, :db, :db] = normalised_powers(Fb, norm)
+    return P, norms
+
+
+@njit(cache=True, error_model="numpy")
+def expm_blocks(P, norms, bounds, tau, out, work, piv):  # noqa: ANN001, ANN201
+    """``out = expm(tau F)`` for block-diagonal ``F`` from :func:`block_powers`, block by block
+    (off-block entries are zero). ``work`` has shape (>= 3, d, d); ``piv`` shape (d,)."""
+    _zero(out)
+    for b in range(norms.shape[0]):
+        s = bounds[b]
+        e = bounds[b + 1]
+        db = e - s
+        expm_scaled(P[b, :, :db, :db], tau * norms[b], out[s:e, s:e], work[:, :db, :db], piv[:db])
+
+
+@njit(cache=True, error_model="numpy")
+def expm_adjoint_blocks(F, dt, G, gF, bounds):  # noqa: ANN001, ANN201
+    """:func:`expm_adjoint` for block-diagonal ``F``, one diagonal block at a time
+    (``dL/dF`` off the blocks is left untouched: those entries are structural zeros)."""
+    for b in range(bounds.shape[0] - 1):
+        s = bounds[b]
+        e = bounds[b + 1]
+        db = e - s
+        Fb = np.empty((db, db))
+        gFb = np.zeros((db, db))
+        for i in range(db):
+            for j in range(db):
+                Fb[i, j] = F[s + i, s + j]
+        expm_adjoint(Fb, dt, np.ascontiguousarray(G[:, s:e, s:e]), gFb)
+        for i in range(db):
+            for j in range(db):
+                gF[s + i, s + j] += gFb[i, j]

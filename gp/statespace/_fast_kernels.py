@@ -36,7 +36,10 @@ from ._fast_expm import (  # noqa: F401  (re-exported for gp.statespace.fast)
     _norm1_both,
     _set,
     _setv,
+    block_powers,
     expm_adjoint,
+    expm_adjoint_blocks,
+    expm_blocks,
     expm_frechet_scaled,
     expm_scaled,
     normalised_powers,
@@ -48,14 +51,15 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 @njit(cache=True, error_model="numpy")
-def forward(F, Pinf, h, R, dt, y, store, A_tape, m_tape, P_tape):  # noqa: ANN001, ANN201
+def forward(F, Pinf, h, R, dt, y, store, A_tape, m_tape, P_tape, bounds):  # noqa: ANN001, ANN201
     """Kalman filter log marginal likelihood; optionally records the tape.
 
     Parameters
     ----------
     F, Pinf : (d, d); h : (d,); R : (1,) or (n,) noise variances; dt : (n - 1,); y : (n,)
         (NaN = missing); store : bool; A_tape (n - 1, d, d), m_tape (n, d), P_tape (n, d, d)
-        (any shape when ``store`` is False).
+        (any shape when ``store`` is False); bounds : (nb + 1,) offsets of the diagonal
+        blocks of ``F`` (``[0, d]`` for one block), exponentiated one at a time.
 
     Returns
     -------
@@ -65,10 +69,7 @@ def forward(F, Pinf, h, R, dt, y, store, A_tape, m_tape, P_tape):  # noqa: ANN00
     n = y.shape[0]
     d = F.shape[0]
     per_step = R.shape[0] == n and n > 1
-    norm = _norm1_both(F)
-    if norm == 0.0:
-        norm = 1.0
-    P_pow = normalised_powers(F, norm)
+    P_pow, norms = block_powers(F, bounds)
     work = np.empty((3, d, d))
     piv = np.empty(d, dtype=np.int64)
     A = np.empty((d, d))
@@ -85,7 +86,7 @@ def forward(F, Pinf, h, R, dt, y, store, A_tape, m_tape, P_tape):  # noqa: ANN00
             tau = dt[k - 1]
             if tau != 0.0:
                 if tau != last:
-                    expm_scaled(P_pow, tau * norm, A, work, piv)
+                    expm_blocks(P_pow, norms, bounds, tau, A, work, piv)
                     last = tau
                 for i in range(d):  # m = A m
                     acc = 0.0

@@ -71,6 +71,7 @@ class _KalmanLML(torch.autograd.Function):
         noise: Tensor,
         dt: Tensor,
         y: Tensor,
+        bounds: np.ndarray,
     ):
         kern = _kernels()
         arrays = [_as_numpy(x) for x in (F, Pinf, H.reshape(-1), noise.reshape(-1), dt, y)]
@@ -78,8 +79,9 @@ class _KalmanLML(torch.autograd.Function):
         A_tape = np.empty((max(n - 1, 0), d, d))
         m_tape = np.empty((n, d))
         P_tape = np.empty((n, d, d))
-        ll = kern.forward(*arrays, True, A_tape, m_tape, P_tape)
+        ll = kern.forward(*arrays, True, A_tape, m_tape, P_tape, bounds)
         ctx.arrays = arrays
+        ctx.bounds = bounds
         ctx.tape = (A_tape, m_tape, P_tape)
         ctx.meta = [(x.dtype, x.device, x.shape) for x in (F, Pinf, H, noise, dt, y)]
         out_dtype = torch.promote_types(F.dtype, y.dtype)
@@ -107,20 +109,20 @@ class _KalmanLML(torch.autograd.Function):
         )
         del m_tape, P_tape
         # pass 2: dL/dF = sum_k dt_k L_expm(dt_k F^T, dL/dA_k)
-        kern.expm_adjoint(F, dt, A_tape, gF)
+        kern.expm_adjoint_blocks(F, dt, A_tape, gF, ctx.bounds)
         del A_tape
         gPinf = 0.5 * (gPinf + gPinf.T)
         scale = grad_out.detach().to(device="cpu", dtype=torch.float64)
         grads = []
         for g, (dtype, device, shape), needed in zip(
-            (gF, gPinf, gh, gR, gdt, gy), ctx.meta, ctx.needs_input_grad, strict=True
+            (gF, gPinf, gh, gR, gdt, gy), ctx.meta, ctx.needs_input_grad[:6], strict=True
         ):
             if not needed:
                 grads.append(None)
                 continue
             g = torch.from_numpy(g) * scale
             grads.append(g.reshape(shape).to(dtype=dtype, device=device))
-        return tuple(grads)
+        return (*grads, None)  # no gradient for the block offsets
 
 
 def _check_inputs(sde: LTISDE, dt: Tensor, y: Tensor, noise: Tensor) -> Tensor:
@@ -210,17 +212,18 @@ def fast_log_marginal_likelihood(
     if not use_numba:
         return _torch_lml(sde, dt, y, noise)
     # Balance the state (x -> x / s, s = sqrt(diag Pinf)): the LML is invariant under this
-    # similarity, but raw Matérn coordinates span lambda^(2k) (up to ~1e13 for short
-    # lengthscales), which costs the compiled loops their accuracy. s is a constant of the
-    # transform, so gradients flow through F, Pinf and H unchanged.
+    # similarity, and it evens out the scales of the states of any SDE (matern_sde is built
+    # balanced already). s is a constant of the transform, so gradients flow through F, Pinf
+    # and H unchanged. The blocks of a sum are exponentiated one at a time (block_powers).
     s = sde.Pinf.detach().diagonal().clamp_min(torch.finfo(sde.dtype).tiny).sqrt()
     F = sde.F * s / s[:, None]
     Pinf = sde.Pinf / (s[:, None] * s)
     H = sde.H.reshape(1, -1) * s
+    bounds = np.cumsum((0, *sde.block_sizes)).astype(np.int64)
     inputs = (F, Pinf, H, noise, dt, y)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return _KalmanLML.apply(*inputs)
+        return _KalmanLML.apply(*inputs, bounds)
     arrays = [_as_numpy(x) for x in (F, Pinf, H.reshape(-1), noise, dt, y)]
     empty = np.empty((0, 0, 0))
-    ll = _kernels().forward(*arrays, False, empty, np.empty((0, 0)), empty)
+    ll = _kernels().forward(*arrays, False, empty, np.empty((0, 0)), empty, bounds)
     return torch.tensor(ll, dtype=torch.promote_types(sde.dtype, y.dtype), device=y.device)

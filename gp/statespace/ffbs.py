@@ -48,9 +48,10 @@ def psd_factor(L: Tensor, scale: Tensor | float) -> Tensor:
     L : Tensor, shape (..., d, d)
     scale : Tensor, shape () or (d,), or float
         Variance scale per state, e.g. the diagonal of the stationary covariance. Per-state
-        scales matter: the diagonal of a Matérn ``Pinf`` spans ``lambda^(2k)``, so one
-        common scale (its maximum) would swamp the small variances of ``f`` for short
-        lengthscales.
+        scales matter: the components of a sum can have output scales many orders of
+        magnitude apart, and one common scale (the maximum) would swamp the small ones.
+        Scales below ``eps`` times the largest (e.g. a component with output scale 0) are
+        raised to that.
 
     Returns
     -------
@@ -59,18 +60,41 @@ def psd_factor(L: Tensor, scale: Tensor | float) -> Tensor:
     """
     d = L.shape[-1]
     eye = torch.eye(d, dtype=L.dtype, device=L.device)
-    unit = d * torch.finfo(L.dtype).eps * torch.as_tensor(scale, dtype=L.dtype, device=L.device)
+    eps = torch.finfo(L.dtype).eps
+    scale = torch.as_tensor(scale, dtype=L.dtype, device=L.device)
+    top = scale.max()  # states of zero prior variance get eps x the largest scale
+    scale = scale.clamp_min(torch.where(top > 0, eps * top, torch.ones_like(top)))
+    unit = d * eps * scale
     for c in _JITTER_LADDER:
         U, info = torch.linalg.cholesky_ex(L + (c * unit) * eye)
         if not bool(info.any()):
             break
     else:
-        raise torch.linalg.LinAlgError(
-            "backward-sampling covariance is not positive semi-definite even with jitter "
-            f"{_JITTER_LADDER[-1]:.0e} x d x eps x scale; run the model in float64"
-        )
+        raise torch.linalg.LinAlgError(_not_psd_message(L))
     zero = (L == 0).all(-1).all(-1)
     return torch.where(zero[..., None, None], torch.zeros_like(U), U)
+
+
+def _not_psd_message(L: Tensor) -> str:
+    """Why :func:`psd_factor` failed, and what to do (depends on the dtype)."""
+    head = (
+        "backward-sampling covariance is not positive semi-definite even with jitter "
+        f"{_JITTER_LADDER[-1]:.0e} x d x eps x scale"
+    )
+    if not bool(torch.isfinite(L).all()):
+        return (
+            f"{head}: it contains NaN or inf; check that the kernel hyperparameters and the "
+            "noise are finite and positive"
+        )
+    if L.dtype != torch.float64:
+        return (
+            f"{head}: {L.dtype} lost the precision these smoothing moments need; run the "
+            "model in float64 (model.double() and float64 times and targets)"
+        )
+    return (
+        f"{head} in float64: the smoothing moments are inconsistent; check that the kernel "
+        "hyperparameters and the noise are finite and positive"
+    )
 
 
 def backward_sample(E: Tensor, c: Tensor, method: str = "sequential") -> Tensor:
@@ -126,7 +150,10 @@ class StateSpacePosterior(GaussianPosterior):
     Base samples (:attr:`base_sample_shape`) are ``(..., N, d + 1)``: ``d`` standard normals
     per grid point for the states, and one per grid point of which those at the prediction
     times drive the observation noise (when ``noise > 0``). Draws are
-    ``shift + scale * h^T x + sqrt(noise) * eps``.
+    ``shift + scale * (h^T x + W z) + sqrt(noise) * eps``, where the optional low-rank term
+    ``W z`` (:meth:`with_low_rank`, e.g. the uncertainty of a trend's coefficients) takes
+    its ``r`` normals from an extra column: base samples ``(..., N, d + 2)``, of which the
+    first ``r`` rows of the last column are used.
 
     Parameters
     ----------
@@ -145,10 +172,15 @@ class StateSpacePosterior(GaussianPosterior):
         Size of the prior state variances (jitter scale of :func:`psd_factor`).
     noise : float or Tensor, default 0
         Independent Gaussian noise variance added to every draw (observation noise).
-    scale, shift : float or Tensor of shape (), default 1, 0
-        Affine map of the latent draws (e.g. undoing a standardisation).
+    scale : float or Tensor of shape (), default 1
+    shift : float or Tensor of shape () or (..., n_new), default 0
+        Affine map of the latent draws (e.g. undoing a standardisation); a shift per
+        prediction time adds a fixed function such as a trend (:meth:`shifted`).
     method : {"sequential", "parallel"}, default "sequential"
         Backward recursion algorithm (:func:`backward_sample`).
+    low_rank : Tensor, shape (..., n_new, r), optional
+        ``W`` of an independent term ``W z``, ``z ~ N(0, I_r)``, in the units before
+        ``scale`` (``mean`` and ``variance`` already include it).
     """
 
     def __init__(
@@ -164,6 +196,7 @@ class StateSpacePosterior(GaussianPosterior):
         scale: float | Tensor = 1.0,
         shift: float | Tensor = 0.0,
         method: str = "sequential",
+        low_rank: Tensor | None = None,
     ) -> None:
         super().__init__(mean, variance=variance)
         self._elements = elements
@@ -176,8 +209,11 @@ class StateSpacePosterior(GaussianPosterior):
         like = {"dtype": elements[0].dtype, "device": mean.device}
         self._noise = torch.as_tensor(noise, **like)
         self._scale = torch.as_tensor(scale, **like).reshape(())
-        self._shift = torch.as_tensor(shift, **like).reshape(())
+        self._shift = torch.as_tensor(shift, **like)
+        if self._shift.numel() == 1:
+            self._shift = self._shift.reshape(())
         self._method = method
+        self._low_rank = low_rank
         self._factor: Tensor | None = None
         self._dense: Tensor | None = None
 
@@ -194,6 +230,7 @@ class StateSpacePosterior(GaussianPosterior):
             scale=self._scale,
             shift=self._shift,
             method=self._method,
+            low_rank=self._low_rank,
         )
         kwargs.update(changes)
         return StateSpacePosterior(**kwargs)
@@ -206,10 +243,12 @@ class StateSpacePosterior(GaussianPosterior):
 
     @property
     def base_sample_shape(self) -> torch.Size:
-        """``(..., N, d + 1)``: state normals per grid point, plus one for observation noise."""
+        """``(..., N, d + 1)``: state normals per grid point, plus one for observation noise
+        (``d + 2`` with a low-rank term)."""
         E = self._elements[0]
         batch = self._mean.shape[:-2]
-        return torch.Size((*batch, E.shape[-3], E.shape[-1] + 1))
+        extra = 1 if self._low_rank is None else 2
+        return torch.Size((*batch, E.shape[-3], E.shape[-1] + extra))
 
     @property
     def is_joint(self) -> bool:
@@ -239,6 +278,70 @@ class StateSpacePosterior(GaussianPosterior):
             scale=self._scale * inner_scale,
             shift=self._shift * inner_scale + inner_shift,
         )
+
+    def shifted(self, offset: Tensor) -> StateSpacePosterior:
+        """Posterior of ``f + offset`` for a fixed ``offset`` per prediction time.
+
+        Adds a known function of the inputs (e.g. a fitted trend): the mean moves by
+        ``offset``, variances, the joint covariance and the noise are unchanged, and every
+        draw moves by ``offset`` too.
+
+        Parameters
+        ----------
+        offset : Tensor, shape (..., n_new, 1)
+            Broadcastable to :attr:`mean`.
+
+        Returns
+        -------
+        StateSpacePosterior
+        """
+        offset = torch.as_tensor(offset, device=self.device)
+        try:
+            torch.broadcast_shapes(offset.shape, self._mean.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"offset must broadcast to the mean's shape {tuple(self._mean.shape)}, got "
+                f"{tuple(offset.shape)}"
+            ) from err
+        if not bool(torch.isfinite(offset).all()):
+            raise ValueError("offset contains NaN or inf")
+        inner = offset.to(self._shift.dtype)[..., 0]  # (..., n_new): draws have no last axis
+        return self._replace(
+            mean=self._mean + offset.to(self._mean.dtype), shift=self._shift + inner
+        )
+
+    def with_low_rank(self, W: Tensor) -> StateSpacePosterior:
+        """Posterior of ``f + W z`` with ``z ~ N(0, I_r)`` independent of ``f``.
+
+        Adds a rank-``r`` Gaussian term, e.g. the uncertainty of a trend's coefficients
+        (``W = R^T L`` for coefficient covariance ``L L^T``): variances grow by the row
+        sums of ``W^2``, the joint covariance by ``W W^T``, every draw by ``W z`` (``z`` from
+        the extra base-sample column). The mean is unchanged.
+
+        Parameters
+        ----------
+        W : Tensor, shape (..., n_new, r)
+            ``r <= N`` (the grid size).
+
+        Returns
+        -------
+        StateSpacePosterior
+        """
+        W = torch.as_tensor(W, device=self.device)
+        if W.dim() < 2 or W.shape[-2] != self._mean.shape[-2]:
+            raise ValueError(
+                f"W must have shape (..., {self._mean.shape[-2]}, r), got {tuple(W.shape)}"
+            )
+        if W.shape[-1] > self.grid_size:
+            raise ValueError(f"W has rank {W.shape[-1]} > grid size {self.grid_size}")
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError("W contains NaN or inf")
+        inner = W.to(self._scale.dtype) / self._scale
+        if self._low_rank is not None:
+            old = self._low_rank.expand(*inner.shape[:-1], -1)
+            inner = torch.cat([old, inner], dim=-1)
+        extra = W.to(self._variance.dtype).pow(2).sum(-1, keepdim=True)
+        return self._replace(variance=self._variance + extra, low_rank=inner)
 
     def to(self, dtype: torch.dtype) -> StateSpacePosterior:
         """The same posterior answering in floating ``dtype`` (differentiable).
@@ -306,6 +409,9 @@ class StateSpacePosterior(GaussianPosterior):
         c = g + (U @ base[..., :d].unsqueeze(-1)).squeeze(-1)  # (*S, ..., N, d)
         x = backward_sample(E, c, self._method)
         f = self._take_new(x @ self._h)
+        if self._low_rank is not None:
+            z = base[..., : self._low_rank.shape[-1], d + 1]  # (*S, ..., r)
+            f = f + (self._low_rank @ z.unsqueeze(-1)).squeeze(-1)
         draws = self._shift + self._scale * f
         if bool(self._noise != 0):
             draws = draws + self._noise.sqrt() * self._take_new(base[..., d])
@@ -365,6 +471,8 @@ class StateSpacePosterior(GaussianPosterior):
         latent_var = (self._cov_h @ self._h).expand(*batch, n_new)  # h^T P^s h
         eye = torch.eye(n_new, dtype=torch.bool, device=cov.device)
         cov = torch.where(eye, torch.diag_embed(latent_var), cov)
+        if self._low_rank is not None:
+            cov = cov + self._low_rank @ self._low_rank.mT
         cov = cov * self._scale**2 + torch.diag_embed(self._noise.expand(*batch, n_new))
         cov = cov.to(self.dtype)
         if not (torch.is_grad_enabled() and cov.requires_grad):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FilterResult", "kalman_filter", "rts_smoother"]
+__all__ = ["FilterResult", "kalman_filter", "rts_smoother", "smoother_gain"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -210,12 +210,43 @@ def kalman_filter(
     )
 
 
+def smoother_gain(pred_cov: Tensor, AP: Tensor) -> Tensor:
+    """Smoother gain ``G = P A^T (P^-)^{-1}`` from ``P^-`` and ``A P`` (..., d, d) each.
+
+    Solved in correlation form, ``P^- = D C D`` with ``D = diag(P^-)^{1/2}``:
+    ``G^T = D^{-1} C^{-1} D^{-1} (A P)`` (Jacobi scaling, which also makes float32
+    smoothing more accurate). States with zero predicted variance — a kernel component
+    whose output scale is 0, or a deterministic state — have zero rows in ``P^-`` and
+    ``A P``; they get ``C_ii = 1`` and hence an exactly zero gain column, the gain of the
+    (pseudo-inverse) Gaussian conditioning, where a plain solve fails on the singular
+    ``P^-``. A correlation matrix that is still exactly singular is regularised by
+    ``d eps I`` (a perturbation at the level of its rounding; one host sync checks).
+
+    Returns
+    -------
+    Tensor, shape (..., d, d)
+        ``G`` (the backward gain ``E`` of :func:`gp.statespace.parallel.smoothing_elements`).
+    """
+    d = pred_cov.shape[-1]
+    diag = pred_cov.diagonal(dim1=-2, dim2=-1)
+    positive = diag > 0
+    root = torch.where(positive, diag, torch.ones_like(diag)).sqrt()  # D (1 where zero)
+    C = pred_cov / (root.unsqueeze(-1) * root.unsqueeze(-2))
+    C = C + torch.diag_embed(torch.where(positive, torch.zeros_like(diag), torch.ones_like(diag)))
+    B = AP / root.unsqueeze(-1)
+    Gt, info = torch.linalg.solve_ex(C, B)
+    if bool(info.any()):
+        eye = torch.eye(d, dtype=C.dtype, device=C.device)
+        Gt = torch.linalg.solve(C + (d * torch.finfo(C.dtype).eps) * eye, B)
+    return (Gt / root.unsqueeze(-1)).mT
+
+
 def rts_smoother(
     A: Tensor, filtered: FilterResult, zero_step: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Rauch–Tung–Striebel smoother: moments of ``p(x_k | y_{0:n-1})``.
 
-    Backwards from ``k = n - 2``: ``G = P_k A_k^T (P_{k+1}^-)^{-1}`` (by a linear solve),
+    Backwards from ``k = n - 2``: ``G = P_k A_k^T (P_{k+1}^-)^{-1}`` (:func:`smoother_gain`),
     ``m^s_k = m_k + G (m^s_{k+1} - m^-_{k+1})``, ``P^s_k = P_k + G (P^s_{k+1} - P^-_{k+1}) G^T``.
     Zero-length steps (same state twice) copy the later smoothed moments.
 
@@ -240,12 +271,14 @@ def rts_smoother(
     batched = filtered.mean.dim() > 2 or A.dim() > 3
     m_f, P_f = filtered.mean.unbind(-2), filtered.cov.unbind(-3)
     m_p, P_p = filtered.pred_mean.unbind(-2), filtered.pred_cov.unbind(-3)
-    A_k = A.unbind(-3)
+    # every gain depends on the filter's output only: one batched solve for all steps
+    gains = smoother_gain(filtered.pred_cov[..., 1:, :, :], A @ filtered.cov[..., :-1, :, :])
+    G_k = gains.unbind(-3)
     ms, Ps = [m_f[-1]], [P_f[-1]]
     m_next, P_next = m_f[-1], P_f[-1]
     for k in range(n - 2, -1, -1):
         if not skip[k]:
-            G = torch.linalg.solve(P_p[k + 1], A_k[k] @ P_f[k]).mT
+            G = G_k[k]
             diff = m_next - m_p[k + 1]
             step = (G @ diff.unsqueeze(-1)).squeeze(-1) if batched else G @ diff
             m_new = m_f[k] + step

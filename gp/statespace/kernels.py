@@ -45,7 +45,7 @@ from torch import Tensor
 from .periodic import cosine_sde, periodic_sde, product_sde
 from .sde import LTISDE, stack_sdes
 
-__all__ = ["constant_sde", "kernel_to_sde", "matern_sde"]
+__all__ = ["constant_sde", "kernel_to_sde", "matern_sde", "rescale_time"]
 
 _SUPPORTED = (
     "MaternKernel(nu=0.5, 1.5 or 2.5), ConstantKernel, CosineKernel, PeriodicKernel "
@@ -70,15 +70,28 @@ _NO_FINITE_SDE = {
 def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor | None = None) -> LTISDE:
     """Closed-form SDE of the Matérn kernel with ``nu = p + 1/2``, ``p`` in {0, 1, 2}.
 
-    With ``lam = sqrt(2 nu) / ell`` (Rasmussen & Williams' convention, as gpytorch) and
-    ``s^2 = variance``:
+    The textbook companion form (Hartikainen & Särkkä 2010; Särkkä & Solin 2019, Sec. 12.3)
+    has the state ``z = (f, f', f'')`` with ``F_c = [[0, 1, 0], [0, 0, 1], [-lam^3, -3 lam^2,
+    -3 lam]]``, ``Qc = (16/3) s^2 lam^5`` and ``Pinf_c = [[s^2, 0, -kap], [0, kap, 0],
+    [-kap, 0, lam^4 s^2]]`` (``nu = 5/2``, ``kap = lam^2 s^2 / 3``; ``lam = sqrt(2 nu) / ell``,
+    Rasmussen & Williams' convention, as gpytorch). Its entries span ``lam^(2p+1)``, which
+    overflows float32 for ``ell <~ 1e-7`` and wrecks the matrix exponential and the
+    discretisation for short lengthscales in either precision. This function returns the
+    exactly equivalent *balanced* form ``x = T^{-1} z`` with ``T = diag(sqrt(diag Pinf_c)) / s``
+    (the derivatives measured in units of the lengthscale), i.e. ``F = T^{-1} F_c T``,
+    ``L Qc L^T = T^{-1} L_c Qc_c L_c^T T^{-1}``, ``Pinf = T^{-1} Pinf_c T^{-1}``,
+    ``H = H_c T = e_1^T`` — ``F`` is ``lam`` times a fixed matrix and ``Pinf`` is ``s^2``
+    times a fixed correlation matrix, so every entry is ``O(lam)`` or ``O(s^2)``:
 
-    - ``nu = 1/2``: ``F = -lam``, ``L = 1``, ``Qc = 2 s^2 lam``, ``H = 1``, ``Pinf = s^2``;
-    - ``nu = 3/2``: ``F = [[0, 1], [-lam^2, -2 lam]]``, ``L = e_2``, ``Qc = 4 lam^3 s^2``,
-      ``H = e_1^T``, ``Pinf = diag(s^2, lam^2 s^2)``;
-    - ``nu = 5/2``: ``F = [[0, 1, 0], [0, 0, 1], [-lam^3, -3 lam^2, -3 lam]]``, ``L = e_3``,
-      ``Qc = (16/3) s^2 lam^5``, ``H = e_1^T``,
-      ``Pinf = [[s^2, 0, -kap], [0, kap, 0], [-kap, 0, lam^4 s^2]]`` with ``kap = lam^2 s^2/3``.
+    - ``nu = 1/2``: ``F = -lam``, ``Qc = 2 s^2 lam``, ``Pinf = s^2`` (``T = 1``);
+    - ``nu = 3/2`` (``T = diag(1, lam)``): ``F = lam [[0, 1], [-1, -2]]``,
+      ``Qc = 4 s^2 lam``, ``Pinf = s^2 I``;
+    - ``nu = 5/2`` (``T = diag(1, lam / sqrt 3, lam^2)``):
+      ``F = lam [[0, 1/sqrt 3, 0], [0, 0, sqrt 3], [-1, -sqrt 3, -3]]``,
+      ``Qc = (16/3) s^2 lam``, ``Pinf = s^2 [[1, 0, -1/3], [0, 1, 0], [-1/3, 0, 1]]``;
+
+    with ``L = e_d`` and ``H = e_1^T`` throughout. The kernel
+    ``k(tau) = H expm(F |tau|) Pinf H^T`` is unchanged by the similarity.
 
     Parameters
     ----------
@@ -96,31 +109,29 @@ def matern_sde(nu: float, lengthscale: Tensor, variance: Tensor | None = None) -
     """
     if nu not in (0.5, 1.5, 2.5):
         raise ValueError(f"nu must be 0.5, 1.5 or 2.5 for a Matérn SDE, got {nu}")
-    ell = lengthscale.reshape(())
+    # lengthscales below sqrt(tiny) (1.5e-154 in float64, 1.1e-19 in float32; e.g. a
+    # softplus that underflowed to 0) are raised to it: lam stays finite with room for
+    # lam * dt, and the process is already white noise at any step it could resolve
+    ell = lengthscale.reshape(()).clamp_min(math.sqrt(torch.finfo(lengthscale.dtype).tiny))
     s2 = torch.ones_like(ell) if variance is None else variance.reshape(()).to(ell)
     lam = math.sqrt(2.0 * nu) / ell
-    zero, one = torch.zeros_like(ell), torch.ones_like(ell)
-
-    def mat(*rows: list[Tensor]) -> Tensor:
-        return torch.stack([torch.stack(list(r)) for r in rows])
-
+    like = {"dtype": ell.dtype, "device": ell.device}
     if nu == 0.5:
-        F = mat([-lam])
-        Qc = mat([2.0 * s2 * lam])
-        Pinf = mat([s2])
+        F_unit, qc, P_unit = [[-1.0]], 2.0, [[1.0]]
     elif nu == 1.5:
-        F = mat([zero, one], [-(lam**2), -2.0 * lam])
-        Qc = mat([4.0 * lam**3 * s2])
-        Pinf = mat([s2, zero], [zero, lam**2 * s2])
+        F_unit, qc, P_unit = [[0.0, 1.0], [-1.0, -2.0]], 4.0, [[1.0, 0.0], [0.0, 1.0]]
     else:
-        kap = lam**2 * s2 / 3.0
-        F = mat([zero, one, zero], [zero, zero, one], [-(lam**3), -3.0 * lam**2, -3.0 * lam])
-        Qc = mat([16.0 / 3.0 * s2 * lam**5])
-        Pinf = mat([s2, zero, -kap], [zero, kap, zero], [-kap, zero, lam**4 * s2])
+        r3 = math.sqrt(3.0)
+        F_unit = [[0.0, 1.0 / r3, 0.0], [0.0, 0.0, r3], [-1.0, -r3, -3.0]]
+        qc = 16.0 / 3.0
+        P_unit = [[1.0, 0.0, -1.0 / 3.0], [0.0, 1.0, 0.0], [-1.0 / 3.0, 0.0, 1.0]]
+    F = lam * torch.tensor(F_unit, **like)
+    Pinf = s2 * torch.tensor(P_unit, **like)
+    Qc = (qc * s2 * lam).reshape(1, 1)
     d = F.shape[-1]
-    L = torch.zeros(d, 1, dtype=ell.dtype, device=ell.device)
+    L = torch.zeros(d, 1, **like)
     L[-1, 0] = 1.0
-    H = torch.zeros(1, d, dtype=ell.dtype, device=ell.device)
+    H = torch.zeros(1, d, **like)
     H[0, 0] = 1.0
     return LTISDE(F=F, L=L, Qc=Qc, H=H, Pinf=Pinf)
 
@@ -234,3 +245,50 @@ def kernel_to_sde(
         f"kernel {name} has no state-space conversion; supported: {_SUPPORTED}. For a smooth "
         "stationary kernel use MaternKernel(nu=2.5), the closest finite-order alternative to RBF"
     )
+
+
+#: Hyperparameters measured in units of time, per supported kernel class (the periodic
+#: kernel's ``lengthscale`` is dimensionless: it divides ``sin^2``)
+_TIME_PARAMETERS = (
+    (MaternKernel, "lengthscale"),
+    (PeriodicKernel, "period_length"),
+    (CosineKernel, "period_length"),
+)
+
+
+def rescale_time(kernel: Kernel, factor: float) -> Kernel:
+    """The same prior on the time axis ``t' = factor * t``, in place.
+
+    Every time-valued hyperparameter — Matérn lengthscales, periodic and cosine periods —
+    is multiplied by ``factor``, together with the bounds of its gpytorch constraint (so an
+    ``Interval`` on a period keeps meaning the same interval of time); output scales,
+    constants and the periodic kernel's (dimensionless) lengthscale are unchanged. Then
+    ``k'(factor * t1, factor * t2) = k(t1, t2)``. Priors registered on these parameters are
+    left as they are (the library's marginal-likelihood objectives do not use them).
+
+    Parameters
+    ----------
+    kernel : gpytorch.kernels.Kernel
+        Any kernel; submodules of the classes above are rescaled.
+    factor : float
+        Positive and finite.
+
+    Returns
+    -------
+    Kernel
+        ``kernel`` itself.
+    """
+    factor = float(factor)
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be positive and finite, got {factor}")
+    for module in kernel.modules():
+        for cls, name in _TIME_PARAMETERS:
+            if not isinstance(module, cls):
+                continue
+            value = getattr(module, name).detach().clone()
+            constraint = getattr(module, f"raw_{name}_constraint")
+            for bound in ("lower_bound", "upper_bound"):
+                if isinstance(getattr(constraint, bound, None), Tensor):
+                    setattr(constraint, bound, getattr(constraint, bound) * factor)
+            setattr(module, name, value * factor)
+    return kernel

@@ -163,9 +163,10 @@ class StateSpaceGP(nn.Module, NoiseMixin, MarginalLikelihoodFit, Model):
     Times may be unsorted and repeated; NaN in ``y`` marks missing observations. Computation
     happens in the dtype and on the device of the data (the hyperparameters are cast);
     :meth:`posterior` computes in the promoted dtype of the data and ``X`` and answers in
-    ``X``'s. Float32 is supported; grids whose steps are much shorter than the lengthscale
-    lose precision there (see :func:`gp.statespace.discretise`) and are better run in
-    float64.
+    ``X``'s. Float32 is supported for lengthscales far below and far above the time steps
+    (balanced Matérn coordinates, cancellation-free process noise and block-wise matrix
+    exponentials: see :func:`gp.statespace.discretise`); a posterior that is not finite
+    raises a ``ValueError`` saying why (recommending float64 where it ran in float32).
     """
 
     def __init__(

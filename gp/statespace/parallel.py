@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .kalman import FilterResult, _filter_inputs
+from .kalman import FilterResult, _filter_inputs, smoother_gain
 
 __all__ = [
     "associative_scan",
@@ -391,7 +391,7 @@ def smoothing_elements(
     if A.dim() < 3 or A.shape[-3] != max(n - 1, 0):
         raise ValueError(f"A must have {n - 1} transition matrices, got shape {tuple(A.shape)}")
     Pk, mk = P[..., :-1, :, :], m[..., :-1, :]
-    E = torch.linalg.solve(filtered.pred_cov[..., 1:, :, :], A @ Pk).mT  # P_k A^T (P^-)^{-1}
+    E = smoother_gain(filtered.pred_cov[..., 1:, :, :], A @ Pk)  # P_k A^T (P^-)^{-1}
     EA = E @ A
     g = mk - (EA @ mk.unsqueeze(-1)).squeeze(-1)
     L = _sym(Pk - EA @ Pk)

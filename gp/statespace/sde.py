@@ -40,6 +40,12 @@ class LTISDE:
         Measurement matrix, ``f(t) = H x(t)``.
     Pinf : Tensor, shape (d, d)
         Stationary state covariance (the prior covariance of ``x(t)`` at any ``t``).
+    blocks : tuple of int, optional
+        Sizes of independent diagonal blocks (``F``, ``L Qc L^T`` and ``Pinf`` block diagonal
+        with these contiguous blocks, as built by :func:`stack_sdes`); ``None``: one block.
+        :func:`gp.statespace.discretise` exponentiates each block on its own, so a fast
+        component does not cost a slow one its accuracy (a single scaling-and-squaring
+        exponential scales every block by the largest norm).
 
     All five tensors share one dtype and device and stay differentiable with respect to the
     kernel hyperparameters they were built from.
@@ -50,6 +56,12 @@ class LTISDE:
     Qc: Tensor
     H: Tensor
     Pinf: Tensor
+    blocks: tuple[int, ...] | None = None
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        """Sizes of the independent diagonal blocks (``(d,)`` for one block)."""
+        return (self.state_dim,) if self.blocks is None else self.blocks
 
     @property
     def state_dim(self) -> int:
@@ -66,7 +78,8 @@ class LTISDE:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> LTISDE:
         """Copy with every matrix cast to ``dtype`` / moved to ``device`` (differentiably)."""
-        return LTISDE(*(m.to(dtype=dtype, device=device) for m in self._matrices()))
+        moved = (m.to(dtype=dtype, device=device) for m in self._matrices())
+        return LTISDE(*moved, blocks=self.blocks)
 
     def scaled(self, variance: Tensor) -> LTISDE:
         """SDE of ``variance * k``: scales ``Qc`` and ``Pinf`` (the dynamics are unchanged).
@@ -76,7 +89,9 @@ class LTISDE:
         variance : Tensor, shape ()
             Positive output scale ``s^2``.
         """
-        return LTISDE(self.F, self.L, variance * self.Qc, self.H, variance * self.Pinf)
+        return LTISDE(
+            self.F, self.L, variance * self.Qc, self.H, variance * self.Pinf, blocks=self.blocks
+        )
 
     def lyapunov_residual(self) -> Tensor:
         """``F Pinf + Pinf F^T + L Qc L^T``, shape (d, d); zero for a consistent SDE."""
@@ -106,7 +121,7 @@ def stack_sdes(sdes: list[LTISDE]) -> LTISDE:
     """SDE of a sum of independent GPs ``k = k_1 + ... + k_J``.
 
     The state is the concatenation of the component states: ``F``, ``L``, ``Qc`` and ``Pinf``
-    are block diagonal and ``H = [H_1, ..., H_J]``.
+    are block diagonal and ``H = [H_1, ..., H_J]``; ``blocks`` records the components' blocks.
 
     Parameters
     ----------
@@ -128,4 +143,5 @@ def stack_sdes(sdes: list[LTISDE]) -> LTISDE:
         Qc=torch.block_diag(*(s.Qc for s in sdes)),
         H=torch.cat([s.H for s in sdes], dim=-1),
         Pinf=torch.block_diag(*(s.Pinf for s in sdes)),
+        blocks=tuple(size for s in sdes for size in s.block_sizes),
     )

@@ -124,13 +124,35 @@ def smoothing_posterior(
         m_new = m_s.gather(-2, index[..., None].expand(*index.shape, m_s.shape[-1]))
         P_new = P_s.gather(-3, index[..., None, None].expand(*index.shape, *P_s.shape[-2:]))
     cov_h = P_new @ h  # (..., n_new, d)
-    return StateSpacePosterior(
-        mean=(m_new @ h).unsqueeze(-1),
-        variance=(cov_h @ h).clamp_min(0).unsqueeze(-1),
-        elements=smoothing_elements(A, result, zero_step=zero_step),
-        h=h,
-        new_index=index,
-        cov_h=cov_h,
-        prior_scale=sde.Pinf.detach().diagonal(),  # per state: diag(Pinf) spans lambda^2k
-        method=method,
+    try:  # the posterior refuses non-finite moments (one device sync)
+        return StateSpacePosterior(
+            mean=(m_new @ h).unsqueeze(-1),
+            variance=(cov_h @ h).clamp_min(0).unsqueeze(-1),
+            elements=smoothing_elements(A, result, zero_step=zero_step),
+            h=h,
+            new_index=index,
+            cov_h=cov_h,
+            prior_scale=sde.Pinf.detach().diagonal(),  # jitter scale per state
+            method=method,
+        )
+    except ValueError as err:
+        raise ValueError(_not_finite_message(sde, noise)) from err
+
+
+def _not_finite_message(sde: LTISDE, noise: Tensor) -> str:
+    """Why the smoother's moments are not finite, and what to do."""
+    matrices = (sde.F, sde.Pinf, sde.Qc, noise)
+    if not all(bool(torch.isfinite(m).all()) for m in matrices):
+        return (
+            "the state-space posterior is not finite: the kernel hyperparameters or the noise "
+            "are NaN or inf"
+        )
+    if sde.dtype != torch.float64:
+        return (
+            f"the state-space posterior is not finite in {sde.dtype}; run the model in "
+            "float64 (model.double() and float64 times and targets)"
+        )
+    return (
+        "the state-space posterior is not finite in float64; check that the kernel "
+        "hyperparameters are positive and the noise is positive"
     )

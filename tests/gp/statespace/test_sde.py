@@ -181,3 +181,29 @@ def test_ltisde_is_a_plain_container() -> None:
     torch.testing.assert_close(sde.Pinf, torch.tensor([[3.0]], dtype=DT))
     torch.testing.assert_close(sde.F, torch.tensor([[-0.5]], dtype=DT))
     torch.testing.assert_close(sde.Qc, torch.tensor([[3.0]], dtype=DT))  # 2 s^2 lam
+
+
+def test_rescale_time_gives_the_same_prior_on_the_scaled_axis():
+    from gpytorch.constraints import Interval
+    from gpytorch.kernels import CosineKernel
+
+    from gp.statespace import rescale_time
+
+    periodic = PeriodicKernel(period_length_constraint=Interval(0.5, 2.0))
+    periodic.period_length = torch.tensor(1.1)
+    periodic.lengthscale = torch.tensor(0.7)
+    kernel = (
+        ScaleKernel(MaternKernel(nu=2.5) * periodic)
+        + ScaleKernel(CosineKernel())
+        + _matern(0.5, 0.3, 2.0)
+    ).to(DT)
+    t = torch.linspace(0.0, 3.0, 9, dtype=DT)[:, None]
+    before = kernel(t).to_dense()
+    scaled = rescale_time(kernel, 1e3)
+    torch.testing.assert_close(scaled(1e3 * t).to_dense(), before, rtol=1e-12, atol=1e-12)
+    constraint = scaled.kernels[0].base_kernel.kernels[1].raw_period_length_constraint
+    assert float(constraint.lower_bound) == pytest.approx(500.0)
+    assert float(constraint.upper_bound) == pytest.approx(2000.0)
+    assert float(scaled.kernels[0].base_kernel.kernels[1].lengthscale) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="factor"):
+        rescale_time(kernel, 0.0)
