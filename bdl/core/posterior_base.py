@@ -155,9 +155,9 @@ class Posterior(ABC):
             "(a CategoricalPosterior has prediction_set)"
         )
 
+    @abstractmethod
     def to(self, dtype: torch.dtype) -> Posterior:
         """The same distribution with its tensors in floating ``dtype`` (differentiable)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement to(dtype)")
 
     def _affine_args(self, scale: Tensor | float, shift: Tensor | float) -> tuple[Tensor, Tensor]:
         """``scale`` and ``shift`` as tensors broadcastable to ``(m,)``, checked."""

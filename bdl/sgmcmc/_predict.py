@@ -23,6 +23,7 @@ inputs give a float64 predictive of a float32 chain) and is differentiable in ``
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -236,14 +237,17 @@ class SamplePredictive(Model):
                 fixed[name] = t.detach().to(dtype=dtype, device=device)
         return fixed
 
+    @abstractmethod
     def _sampled_names(self) -> set[str]:
-        raise NotImplementedError
+        """Names (as in ``named_parameters()``) of the tensors the states hold."""
 
+    @abstractmethod
     def _num_states(self) -> int:
-        raise NotImplementedError
+        """Number of stored states."""
 
+    @abstractmethod
     def _states(self, dtype: torch.dtype, device: torch.device) -> Iterator[dict[str, Tensor]]:
-        raise NotImplementedError
+        """The stored values of the sampled tensors, one dict per state."""
 
     def _empty_message(self) -> str:
         return f"{type(self).__name__} holds no samples"
