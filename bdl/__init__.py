@@ -25,7 +25,7 @@ _LAZY = {
     "VBLLClassification": "bdl.lastlayer",
     "GenerativeVBLLClassification": "bdl.lastlayer",
 }
-_SUBMODULES = ("core", "lastlayer", "metrics", "nets", "posterior", "sgmcmc")
+_SUBMODULES = ("bo", "core", "lastlayer", "metrics", "nets", "posterior", "sgmcmc")
 
 __all__ = [*_LAZY, *_SUBMODULES]
 

@@ -108,7 +108,7 @@ class Normalize(_Affine):
         super().__init__(d)
         self.method = check_choice("method", method, ("zscore", "bounds"))
         if bounds is not None:
-            bounds = torch.as_tensor(bounds, dtype=torch.get_default_dtype())
+            bounds = torch.as_tensor(bounds).to(torch.float64)  # the buffers' precision
             if bounds.shape != (2, d) or not bool((bounds[1] > bounds[0]).all()):
                 raise ValueError(f"bounds must have shape (2, {d}) with upper > lower")
             self._set(bounds[0], bounds[1] - bounds[0])

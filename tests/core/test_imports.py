@@ -8,7 +8,7 @@ import sys
 import pytest
 
 FAMILIES = ("bdl.lastlayer", "bdl.sgmcmc", "gp.sparse", "gp.statespace")
-HEAVY = ("sklearn", "scipy.stats")
+HEAVY = ("sklearn", "scipy.stats", "botorch")
 
 
 def _loaded_after(statement: str) -> set[str]:
