@@ -201,8 +201,14 @@ class ConditionedModel(BotorchModel):
             )
         if not bool(torch.isfinite(Y).all()):
             raise ValueError("Y contains NaN or inf")
-        if noise is None:
-            with torch.no_grad():
+        with torch.no_grad():
+            probe = base.latent_posterior(X)
+            if not isinstance(probe, GaussianPosterior):
+                raise NotImplementedError(
+                    f"{type(base.model).__name__} has a {type(probe).__name__}: only Gaussian "
+                    "posteriors can be conditioned on observations (refit the model instead)"
+                )
+            if noise is None:
                 noise = base.noise_variance(X)
         if isinstance(base, ConditionedModel):  # fold repeated conditioning into one
             lead = torch.broadcast_shapes(base.Y.shape[:-2], Y.shape[:-2])

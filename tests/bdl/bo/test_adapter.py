@@ -112,11 +112,10 @@ def test_sample_ensembles_cannot_be_conditioned():
     rng = np.random.default_rng(0)
     X = rng.random((20, 2))
     est = bdl.SGMCMCRegressor(hidden_sizes=(8,), epochs=20, random_state=0).fit(X, X.sum(1))
-    model = as_botorch_model(est).condition_on_observations(
-        torch.rand(2, 2, dtype=DT), torch.rand(2, 1, dtype=DT), noise=torch.full((2, 1), 0.1)
-    )
     with pytest.raises(NotImplementedError, match="Gaussian"):
-        model.posterior(torch.rand(3, 2, dtype=DT))
+        as_botorch_model(est).condition_on_observations(
+            torch.rand(2, 2, dtype=DT), torch.rand(2, 1, dtype=DT), noise=torch.full((2, 1), 0.1)
+        )
 
 
 def test_bad_input_is_named():

@@ -59,6 +59,12 @@ def test_every_surrogate_runs(surrogate):
     assert np.isfinite(bo.y).all() and bo.best_y <= bo.y[:6].min()
 
 
+def test_ensembles_are_refitted_when_conditioning_is_not_possible():
+    bo = BayesOpt(BRANIN_BOUNDS, surrogate="sgmcmc", refit_every=3, seed=0, **FAST)
+    bo.run(branin, 2)
+    assert len(bo.y) == 8 and bo._fitted["n"] == 7  # refitted on the batch before the last
+
+
 def test_noise_free_objectives_with_clustered_points():
     """The GP surrogate's noise floor keeps the kernel matrix factorisable as points pile up."""
     bo = BayesOpt([(0.0, 1.0)], acquisition="ucb", beta=0.01, seed=0, **FAST)
