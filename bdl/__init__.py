@@ -14,6 +14,8 @@ _LAZY = {
     "VBLLRegressor": "bdl.lastlayer.estimators",
     "VBLLClassifier": "bdl.lastlayer.estimators",
     "SGMCMCRegressor": "bdl.sgmcmc.estimators",
+    "SSVIClassifier": "bdl.ssvi.estimators",
+    "SSVIRegressor": "bdl.ssvi.estimators",
     "SGMCMCClassifier": "bdl.sgmcmc.estimators",
     "Model": "bdl.core.model",
     "Posterior": "bdl.core.posterior",
@@ -25,7 +27,7 @@ _LAZY = {
     "VBLLClassification": "bdl.lastlayer",
     "GenerativeVBLLClassification": "bdl.lastlayer",
 }
-_SUBMODULES = ("bo", "core", "lastlayer", "metrics", "nets", "posterior", "sgmcmc")
+_SUBMODULES = ("bo", "core", "lastlayer", "metrics", "nets", "posterior", "sgmcmc", "ssvi")
 
 __all__ = [*_LAZY, *_SUBMODULES]
 

@@ -2,8 +2,8 @@
 
 Runs ``bdl.bo.BayesOpt`` (6 Sobol points, then one point per iteration, qLogEI) with the exact
 GP, a sparse variational GP, a variational Bayesian last layer and an SG-MCMC ensemble, plus
-Thompson sampling from last-layer weight draws, over three seeds, and saves the median simple
-regret of each against the number of evaluations.
+Thompson sampling from last-layer and sparse-subspace-VI weight draws, over three seeds, and
+saves the median simple regret of each against the number of evaluations.
 
 Run:  python examples/bo_surrogates.py --out out
 """
@@ -27,6 +27,7 @@ RUNS = [
     ("vbll", "qlogei"),
     ("vbll", "ts"),
     ("sgmcmc", "qlogei"),
+    ("ssvi", "ts"),
 ]
 
 

@@ -3,8 +3,9 @@
 Surrogates (estimators, refitted on the observations in the unit cube): ``"gp"`` exact GP
 (:class:`gp.GPRegressor` with BoTorch's noise floor 1e-4 on the standardised scale, so
 noise-free objectives keep a well-conditioned kernel matrix), ``"svgp"``
-(:class:`gp.SparseGPRegressor`, float64), ``"vbll"`` (:class:`bdl.VBLLRegressor`) and
-``"sgmcmc"`` (:class:`bdl.SGMCMCRegressor`); any scikit-learn regressor of the library
+(:class:`gp.SparseGPRegressor`, float64), ``"vbll"`` (:class:`bdl.VBLLRegressor`),
+``"sgmcmc"`` (:class:`bdl.SGMCMCRegressor`) and ``"ssvi"`` (:class:`bdl.SSVIRegressor`); any
+scikit-learn regressor of the library
 (cloned before each refit) or a callable ``seed -> estimator`` works too.
 
 Acquisitions (all maximised; :class:`BayesOpt` flips the sign of the objective to minimise):
@@ -36,7 +37,7 @@ from bdl.core.training import seeded
 
 __all__ = ["ACQUISITIONS", "SURROGATES", "make_surrogate", "propose"]
 
-SURROGATES = ("gp", "svgp", "vbll", "sgmcmc")
+SURROGATES = ("gp", "svgp", "vbll", "sgmcmc", "ssvi")
 ACQUISITIONS = ("qlogei", "qlognei", "qucb", "logei", "ucb", "ts")
 ANALYTIC = ("logei", "ucb")
 #: noise-variance floor of the ``"gp"`` surrogate on the standardised scale (BoTorch's)
@@ -77,6 +78,10 @@ def _named_surrogate(name: str, seed: int) -> Any:
         import bdl
 
         return bdl.SGMCMCRegressor(random_state=seed)
+    if name == "ssvi":
+        import bdl
+
+        return bdl.SSVIRegressor(random_state=seed)
     raise ValueError(f"surrogate must be one of {SURROGATES}, got {name!r}")
 
 

@@ -34,7 +34,7 @@ class BayesOpt:
         the upper ones in row 1 (BoTorch's layout, e.g. a test function's ``bounds``); a list
         or array holds one ``(low, high)`` pair per input (scipy's layout; a ``(2, d)`` array
         with ``d != 2`` is recognised too).
-    surrogate : {"gp", "svgp", "vbll", "sgmcmc"}, estimator or callable, default "gp"
+    surrogate : {"gp", "svgp", "vbll", "sgmcmc", "ssvi"}, estimator or callable, default "gp"
         The model of the objective (see :mod:`bdl.bo.acquisition`): refitted on the inputs
         mapped to the unit cube (:class:`bdl.core.transforms.Normalize` on ``bounds``) and the
         standardised values (:class:`bdl.core.transforms.Standardize`).

@@ -9,6 +9,7 @@ exactly this way). :func:`draw_functions` builds the draws:
   network): ``W_s ~ q(W)`` exactly, ``f_s(x) = W_s phi(x) + b``;
 - a sample ensemble (SG-MCMC collectors and structured samplers): ``q`` members drawn
   without replacement (with replacement when there are fewer members than draws);
+- any model with a ``sample_functions(num)`` method (SSVI networks: weight draws);
 - an exact GP: BoTorch's pathwise (Matheron) sample paths (Wilson et al., ICML 2020) of the
   same GP, built as a ``SingleTaskGP`` with the fitted kernel, mean and noise;
 - a :class:`~bdl.core.model.TransformedModel` (an estimator's ``model_``): the inner draws
@@ -95,6 +96,8 @@ def _draws(model: Model, num: int) -> Draws:
 
     if isinstance(model, ExactGP):
         return _gp_path_draws(model, num)
+    if callable(getattr(model, "sample_functions", None)):  # e.g. SSVI weight draws
+        return model.sample_functions(num)
     if _has_sample_posterior(model):
         return _member_draws(model, num)
     raise NoFunctionDraws(

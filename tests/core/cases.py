@@ -88,7 +88,7 @@ def _collect(name: str) -> tuple[list[ModelCase], list[EstimatorCase]]:
     return list(getattr(module, "MODEL_CASES", [])), list(getattr(module, "ESTIMATOR_CASES", []))
 
 
-FAMILIES = ("cases_lastlayer", "cases_sgmcmc", "cases_gp_exact", "cases_gp_sparse")
+FAMILIES = ("cases_lastlayer", "cases_sgmcmc", "cases_ssvi", "cases_gp_exact", "cases_gp_sparse")
 
 
 def all_cases() -> tuple[list[ModelCase], list[EstimatorCase]]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-FAMILIES = ("bdl.lastlayer", "bdl.sgmcmc", "gp.sparse", "gp.statespace")
+FAMILIES = ("bdl.lastlayer", "bdl.sgmcmc", "bdl.ssvi", "gp.sparse", "gp.statespace")
 HEAVY = ("sklearn", "scipy.stats", "botorch")
 
 

@@ -53,7 +53,7 @@ def test_every_acquisition_runs(acquisition, q):
     assert set(bo.history["batch"]) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("surrogate", ["svgp", "vbll", "sgmcmc"])
+@pytest.mark.parametrize("surrogate", ["svgp", "vbll", "sgmcmc", "ssvi"])
 def test_every_surrogate_runs(surrogate):
     bo = BayesOpt(BRANIN_BOUNDS, surrogate=surrogate, seed=0, **FAST).run(branin, 2)
     assert np.isfinite(bo.y).all() and bo.best_y <= bo.y[:6].min()
