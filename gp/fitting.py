@@ -24,10 +24,25 @@ class _HasLML(Protocol):
     def log_marginal_likelihood(self) -> Tensor: ...
 
 
+def log_prior(model: nn.Module) -> Tensor | float:
+    """Sum of the log densities of the hyperparameter priors registered on gpytorch modules
+    inside ``model`` (e.g. ``MaternKernel(lengthscale_prior=...)``); 0 without any."""
+    total: Tensor | float = 0.0
+    for module in model.modules():
+        named = getattr(module, "_priors", None)
+        if not named:
+            continue
+        for prior, closure, _ in named.values():
+            total = total + prior.log_prob(closure(module)).sum()
+    return total
+
+
 def _objective(model: _HasLML) -> Tensor:
-    """``-log p(y)`` of the model's data (summed over a batch of GPs if there is one)."""
+    """``-log p(y) - log p(theta)`` of the model's data (summed over a batch of GPs if there is
+    one): type-II maximum a posteriori when the kernel carries hyperparameter priors, as
+    gpytorch's marginal log likelihoods add them."""
     try:
-        loss = -model.log_marginal_likelihood().sum()
+        loss = -model.log_marginal_likelihood().sum() - log_prior(model)
     except ValueError as err:
         if "NaN or inf" not in str(err):
             raise
@@ -54,7 +69,8 @@ def fit_hyperparameters(
     tolerance_change: float = 1e-10,
     verbose: bool = False,
 ) -> list[float]:
-    """Maximise ``model.log_marginal_likelihood()`` over the model's trainable parameters.
+    """Maximise ``model.log_marginal_likelihood()`` over the model's trainable parameters (plus
+    the log density of any gpytorch hyperparameter priors registered in the model).
 
     Works for any module whose ``log_marginal_likelihood()`` (no arguments) returns the
     differentiable log marginal likelihood of the data it holds (a full sum over the data),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -197,7 +198,7 @@ class BayesOpt:
         n = len(v)
         fitted = self._fitted
         if fitted is None or self._refit_due(fitted):
-            fitted = self._fitted = self._refit(x[:n], v[:n])
+            fitted = self._fitted = self._refit_or_keep(fitted, x[:n], v[:n])
         outcome, n_fit = fitted["outcome"], fitted["n"]
         t = outcome(v[:, None])[:, 0]
         model = fitted["model"]
@@ -209,6 +210,22 @@ class BayesOpt:
                 model, t = fitted["model"], fitted["outcome"](v[:, None])[:, 0]
         return model, x, t
 
+    def _refit_or_keep(self, fitted: dict[str, Any] | None, x: Tensor, v: Tensor) -> dict[str, Any]:
+        """A refit; if it fails and a Gaussian fit exists, that fit (conditioned on the new
+        observations below) with a warning, so one numerical failure does not end the run."""
+        try:
+            return self._refit(x, v)
+        except (RuntimeError, ValueError) as err:
+            if fitted is None:
+                raise
+            warnings.warn(
+                f"refitting the surrogate on {len(v)} observations failed ({err}); the last fit "
+                f"(on {fitted['n']}) is conditioned on the new observations instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return fitted
+
     def _refit_due(self, fitted: dict[str, Any]) -> bool:
         batches_since = len(np.unique(self._batch[fitted["n"] :]))
         return batches_since >= self.refit_every or fitted["n"] < self.n_init
@@ -218,7 +235,7 @@ class BayesOpt:
         outcome = Standardize(1).fit(v[:, None])
         t = outcome(v[:, None])[:, 0]
         seed = _step_seed(self.seed, self.num_batches, _FIT) % 2**31
-        estimator = make_surrogate(self.surrogate, seed)
+        estimator = make_surrogate(self.surrogate, seed, x.shape[1])
         estimator.fit(x.numpy(), t.numpy())
         return {"model": as_botorch_model(estimator), "n": len(v), "outcome": outcome}
 

@@ -33,7 +33,7 @@ from botorch.acquisition import AcquisitionFunction
 from botorch.optim import optimize_acqf
 from torch import Tensor, nn
 
-from bdl.bo.adapter import BotorchModel, as_botorch_model, unwrap_model
+from bdl.bo.adapter import BotorchModel, ConditionedModel, as_botorch_model, unwrap_model
 from bdl.core.model import Model, TransformedModel
 from bdl.core.samples import SamplePosterior
 from bdl.core.training import seeded, seeded_generator
@@ -72,9 +72,16 @@ def draw_functions(model: object, num_samples: int, *, seed: int | None = None) 
     Raises
     ------
     NoFunctionDraws
-        For models without function draws (sparse and state-space GPs, heteroscedastic heads).
+        For models without function draws (sparse and state-space GPs, heteroscedastic heads,
+        and models conditioned on observations since their fit, whose draws would ignore them).
     """
     check_int("num_samples", num_samples)
+    if isinstance(model, ConditionedModel):
+        # its weights or paths are those of the last fit, blind to the conditioning data
+        raise NoFunctionDraws(
+            "a conditioned model has no function draws of its own; Thompson sampling uses a "
+            "candidate set with its conditioned posterior"
+        )
     with seeded(seed):
         return _draws(unwrap_model(model), int(num_samples))
 

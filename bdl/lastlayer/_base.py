@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bdl.core.linalg import psd_safe_cholesky
 from bdl.core.validation import check_int, check_positive
 from bdl.lastlayer._covariance import (
     COVARIANCE_KINDS,
@@ -99,7 +100,11 @@ class GaussianWeights(nn.Module):
                 variances = 1.0 / precision.diagonal(dim1=-2, dim2=-1)
                 self.cov.assign(torch.diag_embed(variances).to(dtype))
             else:
-                self.cov.assign(torch.cholesky_inverse(torch.linalg.cholesky(precision)).to(dtype))
+                # float64 with bounded, reported jitter: a precision built from nearly collinear
+                # features (e.g. clustered Bayesian-optimisation inputs) can lose definiteness
+                # in float32 round-off
+                chol = psd_safe_cholesky(precision.double())
+                self.cov.assign(torch.cholesky_inverse(chol).to(dtype))
 
 
 def check_head_args(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from bdl.core.batches import call, output_tensor
 from bdl.core.training import tensor_batches
 
 __all__ = ["batch_source", "checked_features", "find_linear", "linear_names", "split_name"]
@@ -84,7 +85,7 @@ def checked_features(
             identity = getattr(parent, attr)
             setattr(parent, attr, reference_layer)
             try:
-                out = extractor(x)
+                out = call(extractor, x)
             finally:
                 setattr(parent, attr, identity)
     finally:
@@ -94,11 +95,13 @@ def checked_features(
             f"layer {layer_name!r} is not called (with a positional input) in the "
             f"network's forward pass; {hint}"
         )
-    if not isinstance(out, Tensor):
+    try:
+        out = output_tensor(out)  # a record output (ModelOutput): its logits
+    except ValueError as err:
         raise ValueError(
-            f"the network returns a {type(out).__name__}, not a Tensor; wrap needs a network "
-            "whose output is the output of its last nn.Linear"
-        )
+            f"the network returns a {type(out).__name__}, not a Tensor or a record with "
+            "logits; wrap needs a network whose output is the output of its last nn.Linear"
+        ) from err
     phi, expected = captured["input"], captured["output"]
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     same = out.numel() == expected.numel() and float(
@@ -128,11 +131,18 @@ def batch_source(
     Tensor data are shuffled with ``generator`` (None: torch's global random state) when
     asked; a DataLoader (or any iterable of pairs) keeps its own batches and order.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor | Mapping):
         x, y = prepare(data[0], data[1], "data:")
-        shuffled = tensor_batches((x, y), batch_size, generator)
-        ordered = tensor_batches((x, y), batch_size, None, shuffle=False)
-        return lambda shuffle: (shuffled if shuffle else ordered)()
+        keys = list(x) if isinstance(x, Mapping) else None
+        tensors = [x[k] for k in keys] + [y] if keys else [x, y]
+        shuffled = tensor_batches(tensors, batch_size, generator)
+        ordered = tensor_batches(tensors, batch_size, None, shuffle=False)
+
+        def batches(shuffle: bool) -> Iterator[Batch]:
+            for parts in (shuffled if shuffle else ordered)():
+                yield (dict(zip(keys, parts[:-1], strict=True)), parts[-1]) if keys else parts
+
+        return batches
     if isinstance(data, Tensor) or not isinstance(data, Iterable):
         raise ValueError(
             "data must be a DataLoader (or iterable) of (x, y) batches or a tuple (X, y) of "

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import copy as _copy
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bdl.core.batches import batch_size, call, output_tensor, split_batch
 from bdl.core.model import Model
 from bdl.core.posterior import CategoricalPosterior, GaussianPosterior
 from bdl.core.training import seeded_generator, train, training_mode
@@ -125,9 +126,12 @@ class VBLLWrapper(nn.Module, Model):
     def features(self, x: Tensor) -> Tensor:
         """Centred features the head sees, ``phi(x) - feature_mean``; shape (n, d).
 
-        Runs in the module's current mode and keeps gradients (a plain forward pass).
+        Runs in the module's current mode and keeps gradients (a plain forward pass). ``x``
+        may be a mapping of tensors (e.g. a tokenizer's output, passed as keyword arguments);
+        a record output (``ModelOutput``) gives its ``logits`` field, which the replaced
+        classifier layer's input now fills.
         """
-        return self.extractor(x) - self.feature_mean
+        return output_tensor(call(self.extractor, x)) - self.feature_mean
 
     def forward(self, x: Tensor) -> Tensor:
         """Mean prediction (regression, shape (n, m)) or mean logits (classification, (n, C))."""
@@ -164,6 +168,9 @@ class VBLLWrapper(nn.Module, Model):
         if joint and self.task != "regression":
             raise ValueError("joint=True is only available for task='regression'")
         X = self._prepare_x(X, "X", cast=False)
+        if not isinstance(X, Tensor):  # a mapping of tensors: token ids and masks
+            with training_mode(self, False), torch.no_grad():
+                return self._posterior(X, observation_noise=observation_noise, joint=joint)
         keep_grad = torch.is_grad_enabled() and X.requires_grad
         with training_mode(self, False), torch.set_grad_enabled(keep_grad), network_input(X):
             if not X.is_floating_point():  # e.g. token ids: the network's dtype
@@ -173,7 +180,7 @@ class VBLLWrapper(nn.Module, Model):
             )
 
     def _posterior(self, x: Tensor, observation_noise: bool, joint: bool):
-        phi = torch.cat([self.features(c) for c in x.split(self.predict_batch_size)])
+        phi = torch.cat([self.features(c) for c in split_batch(x, self.predict_batch_size)])
         if self.task == "regression":
             return self.head.posterior(phi, observation_noise=observation_noise, joint=joint)
         return self.head.posterior(phi)
@@ -319,7 +326,7 @@ class VBLLWrapper(nn.Module, Model):
                 if i == 0 and check:
                     phi = checked_features(self.extractor, self.reference_layer, self.layer_name, x)
                 else:
-                    phi = self.extractor(x)
+                    phi = output_tensor(call(self.extractor, x))
                 self._check_y_width(y, f"data batch {i}: y")
                 feats.append(phi)
                 targets.append(y)
@@ -329,6 +336,9 @@ class VBLLWrapper(nn.Module, Model):
 
     # -- data handling ---------------------------------------------------------------------
     def _prepare_x(self, x: Tensor, name: str, cast: bool = True) -> Tensor:
+        if isinstance(x, Mapping):  # keyword inputs (token ids, masks): moved, never cast
+            batch_size(x, name)
+            return {k: v.to(self.device) for k, v in x.items()}
         check_tensor(name, x)
         if x.dim() == 0:
             raise ValueError(f"{name} must have a leading batch dimension, got a scalar")
@@ -363,9 +373,9 @@ class VBLLWrapper(nn.Module, Model):
     def _prepare_batch(self, x: Tensor, y: Tensor, where: str) -> Batch:
         x = self._prepare_x(x, f"{where} X")
         y = self._prepare_y(y, f"{where} y")
-        if x.shape[0] != y.shape[0]:
+        if batch_size(x) != y.shape[0]:
             raise ValueError(
-                f"{where} X and y have different lengths: {x.shape[0]} and {y.shape[0]}"
+                f"{where} X and y have different lengths: {batch_size(x)} and {y.shape[0]}"
             )
         return x, y
 

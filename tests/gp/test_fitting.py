@@ -144,3 +144,28 @@ def test_bad_arguments_raise():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         fit_hyperparameters(model)
+
+
+def test_hyperparameter_priors_make_the_fit_map():
+    """A kernel with a lengthscale prior is fitted by type-II MAP: the objective is
+    -log p(y) - log p(lengthscale), and a sharp prior pins the lengthscale near its mode."""
+    import math
+
+    from gpytorch.kernels import RBFKernel
+    from gpytorch.priors import LogNormalPrior
+
+    from gp.fitting import log_prior
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(30, 1, generator=gen, dtype=torch.float64)
+    y = torch.sin(6 * X[:, 0]) + 0.1 * torch.randn(30, generator=gen, dtype=torch.float64)
+    free = ExactGP(RBFKernel()).double().set_data(X, y)
+    fit_hyperparameters(free)
+    prior = LogNormalPrior(math.log(3.0), 0.01)  # mode 3.0 (up to exp(-1e-4))
+    pinned = ExactGP(RBFKernel(lengthscale_prior=prior)).double().set_data(X, y)
+    history = fit_hyperparameters(pinned)
+    assert float(free.kernel.lengthscale) < 1.0
+    assert abs(float(pinned.kernel.lengthscale) - 3.0) < 0.1
+    with torch.no_grad():
+        expected = -pinned.log_marginal_likelihood() - log_prior(pinned)
+    assert history[-1] == pytest.approx(float(expected))

@@ -139,3 +139,18 @@ def test_plot_regret(tmp_path):
     ax = bo.plot(optimum=0.0, label="gp")
     assert ax.get_yscale() == "log"
     ax.figure.savefig(tmp_path / "regret.png")
+
+
+def test_a_failed_refit_keeps_the_last_fit_with_a_warning():
+    import gp
+
+    class Fragile(gp.GPRegressor):
+        def fit(self, X, y):
+            if len(y) > 7:
+                raise RuntimeError("cholesky failed")
+            return super().fit(X, y)
+
+    bo = BayesOpt(BRANIN_BOUNDS, surrogate=lambda seed: Fragile(random_state=seed), seed=0, **FAST)
+    with pytest.warns(RuntimeWarning, match="conditioned on the new observations"):
+        bo.run(branin, 3)
+    assert len(bo.y) == 9 and bo._fitted["n"] == 7  # the fit on 7 points, then conditioned

@@ -104,3 +104,19 @@ def test_bad_arguments(exact_gp):
         thompson_candidates(exact_gp, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), q=1)
     with pytest.raises(ValueError, match="num_samples"):
         draw_functions(exact_gp, 0)
+
+
+def test_conditioned_models_use_their_conditioned_posterior(vbll):
+    """Draws of the last fit would ignore the conditioning data: candidate-set sampling on the
+    conditioned posterior instead."""
+    from bdl.bo import as_botorch_model
+
+    model = as_botorch_model(vbll)
+    Xn = torch.rand(10, 2, dtype=DT)
+    conditioned = model.condition_on_observations(Xn, torch.full((10, 1), 5.0, dtype=DT))
+    with pytest.raises(NoFunctionDraws, match="conditioned"):
+        draw_functions(conditioned, 2)
+    bounds = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=DT)
+    X = thompson_candidates(conditioned, bounds, q=2, seed=0, num_candidates=512)
+    # the conditioned posterior is high (about 5) near the new points: proposals go there
+    assert float(torch.cdist(X, Xn).min(-1).values.max()) < 0.3
