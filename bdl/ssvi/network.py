@@ -34,7 +34,7 @@ def sparsify(
     prior_std: float = 1.0,
     init_std: float = 1e-3,
     noise_std: float = 1.0,
-    sparse_kernel: bool = False,
+    sparse_kernel: bool | str = "auto",
     seed: int | None = None,
 ) -> SSVINetwork:
     """A copy of ``model`` whose ``nn.Linear``/``nn.Conv2d`` layers are sparse Bayesian ones.
@@ -53,8 +53,9 @@ def sparsify(
         Prior standard deviation and initial posterior standard deviation of every weight.
     noise_std : float, default 1.0
         Initial observation-noise standard deviation (regression; learned).
-    sparse_kernel : bool, default False
-        Deterministic passes of linear layers through CSR sparse products.
+    sparse_kernel : bool or "auto", default "auto"
+        Deterministic passes of linear layers through CSR sparse products (see
+        :class:`~bdl.ssvi.SparseBayesLinear`).
     seed : int, optional
         Seeds the supports and initial means.
 
@@ -90,7 +91,7 @@ def _convert(
     dense_conv: nn.Module | None,
     prior_std: float,
     init_std: float,
-    sparse_kernel: bool,
+    sparse_kernel: bool | str,
 ) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):

@@ -24,6 +24,14 @@ def test_only_active_weights_are_stored():
     assert dense.mu.numel() == 5000
 
 
+def test_auto_kernel_choice():
+    assert SparseBayesLinear(512, 512, density=0.05).uses_csr()
+    assert not SparseBayesLinear(512, 512, density=0.3).uses_csr()
+    assert not SparseBayesLinear(64, 64, density=0.05).uses_csr()
+    with pytest.raises(ValueError, match="sparse_kernel"):
+        SparseBayesLinear(8, 8, sparse_kernel="always")
+
+
 def test_sparse_kernel_equals_the_dense_product():
     torch.manual_seed(0)
     layer = SparseBayesLinear(40, 30, density=0.2, sparse_kernel=True).eval()
