@@ -57,13 +57,11 @@ def load_data(tokenizer, seed: int = 0, smoke: bool = False) -> tuple[Words, Wor
         words, labels, danish = words[::20], labels[::20], danish[::20]
 
     def encode(texts, y=None) -> Words:
+        # padded to the longest entry of the set (AFINN entries are 1-4 words)
         enc = tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=MAX_LENGTH,
+            list(texts), padding="longest", truncation=True, max_length=MAX_LENGTH,
             return_tensors="pt",
-        )
+        )  # fmt: skip
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         return Words(inputs, torch.as_tensor(np.zeros(len(texts), np.int64) if y is None else y))
 

@@ -1,10 +1,10 @@
 """Named surrogates and acquisitions of :class:`bdl.bo.BayesOpt`, and one proposal step.
 
 Surrogates (estimators, refitted on the observations in the unit cube): ``"gp"`` exact GP
-(:class:`gp.GPRegressor` with BoTorch's defaults for Bayesian optimisation: an ARD RBF kernel
-with the dimension-scaled log-normal lengthscale prior of Hvarfner, Hellsten & Nardi (ICML
-2024), fitted by type-II MAP, on unit output scale, and the noise floor 1e-4 on the standardised
-scale, so noise-free objectives keep a well-conditioned kernel matrix), ``"svgp"``
+(:class:`gp.GPRegressor` with BoTorch's noise floor 1e-4 on the standardised scale, so
+noise-free objectives keep a well-conditioned kernel matrix; a kernel with hyperparameter
+priors, e.g. BoTorch's dimension-scaled lengthscale prior, can be given through a callable
+surrogate and is then fitted by type-II MAP), ``"svgp"``
 (:class:`gp.SparseGPRegressor`, float64), ``"vbll"`` (:class:`bdl.VBLLRegressor`),
 ``"sgmcmc"`` (:class:`bdl.SGMCMCRegressor`) and ``"ssvi"`` (:class:`bdl.SSVIRegressor`); any
 scikit-learn regressor of the library
@@ -18,7 +18,6 @@ Acquisitions (all maximised; :class:`BayesOpt` flips the sign of the objective t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,32 +63,11 @@ def make_surrogate(surrogate: Any, seed: int, d: int = 1) -> Any:
     )
 
 
-def bo_kernel(d: int) -> Any:
-    """ARD RBF kernel with the lengthscale prior ``LogNormal(sqrt 2 + log(d) / 2, sqrt 3)``
-    (Hvarfner et al., ICML 2024; BoTorch's default) and its lower bound 0.025, both stated for
-    inputs in the unit cube and moved to the z-scored inputs :class:`gp.GPRegressor` sees
-    (a uniform column has sd ``1 / sqrt 12``: lengthscales scale by ``sqrt 12``)."""
-    from gpytorch.constraints import GreaterThan
-    from gpytorch.kernels import RBFKernel
-    from gpytorch.priors import LogNormalPrior
-
-    to_z = math.log(math.sqrt(12.0))
-    prior = LogNormalPrior(math.sqrt(2.0) + 0.5 * math.log(d) + to_z, math.sqrt(3.0))
-    kernel = RBFKernel(
-        ard_num_dims=d, lengthscale_prior=prior,
-        lengthscale_constraint=GreaterThan(0.025 * math.sqrt(12.0)),
-    )  # fmt: skip
-    kernel.lengthscale = float(prior.mode)
-    return kernel
-
-
 def _named_surrogate(name: str, seed: int, d: int) -> Any:
     if name == "gp":
         import gp
 
-        return gp.GPRegressor(
-            kernel=bo_kernel(d), noise_lower_bound=GP_NOISE_FLOOR, random_state=seed
-        )
+        return gp.GPRegressor(noise_lower_bound=GP_NOISE_FLOOR, random_state=seed)
     if name == "svgp":
         import gp
 

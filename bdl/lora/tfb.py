@@ -249,15 +249,26 @@ class TFBModel(nn.Module, Model):
         self._hooks = []
 
 
+def anchor_baseline(model: TFBModel, anchors: list[Batch]) -> list[Tensor]:
+    """Class probabilities of the ``sigma = 0`` model on every anchor batch, each (b, C)."""
+    return [model.prob_samples(batch, 0.0)[0].float() for batch in anchors]
+
+
 def anchor_metric(
-    model: TFBModel, anchors: list[Batch], sigma: float, noise: list[Tensor], metric: str
+    model: TFBModel,
+    anchors: list[Batch],
+    sigma: float,
+    noise: list[Tensor],
+    metric: str,
+    baseline: list[Tensor] | None = None,
 ) -> tuple[float, Tensor]:
     """Mean NLL of the MC-averaged probabilities against the ``sigma = 0`` pseudo-labels, or
-    the fraction of flipped predictions; with the pseudo-labels."""
+    the fraction of flipped predictions; with the pseudo-labels. ``baseline``: the
+    :func:`anchor_baseline` (computed when not given)."""
+    baseline = anchor_baseline(model, anchors) if baseline is None else baseline
     nll, flips, count = 0.0, 0, 0
     labels = []
-    for batch in anchors:
-        base = model.prob_samples(batch, 0.0)[0].float()
+    for batch, base in zip(anchors, baseline, strict=True):
         pseudo = base.argmax(-1)
         labels.append(pseudo)
         probs = base if sigma == 0.0 else model.prob_samples(batch, sigma, noise).float().mean(0)
@@ -336,11 +347,12 @@ def bayesianize(
     factors = [reparameterise(layer, adapter) for _, layer, adapter in lora_layers(peft_model)]
     model = TFBModel(peft_model, factors, 0.0, n_samples, seed, sample_batch, predictive)
     noise = model.draw_noise(n_samples, seed)
-    base, _ = anchor_metric(model, anchors, 0.0, noise, metric)
+    baseline = anchor_baseline(model, anchors)  # pseudo-labels, computed once
+    base, _ = anchor_metric(model, anchors, 0.0, noise, metric, baseline)
     search = []
 
     def violates(sigma: float) -> bool:
-        value, _ = anchor_metric(model, anchors, sigma, noise, metric)
+        value, _ = anchor_metric(model, anchors, sigma, noise, metric, baseline)
         search.append((sigma, value))
         return value - base > epsilon
 
