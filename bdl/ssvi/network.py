@@ -35,6 +35,7 @@ def sparsify(
     init_std: float = 1e-3,
     noise_std: float = 1.0,
     sparse_kernel: bool | str = "auto",
+    allocation: str = "uniform",
     seed: int | None = None,
 ) -> SSVINetwork:
     """A copy of ``model`` whose ``nn.Linear``/``nn.Conv2d`` layers are sparse Bayesian ones.
@@ -56,6 +57,9 @@ def sparsify(
     sparse_kernel : bool or "auto", default "auto"
         Deterministic passes of linear layers through CSR sparse products (see
         :class:`~bdl.ssvi.SparseBayesLinear`).
+    allocation : {"uniform", "erk"}, default "uniform"
+        How the active weights are spread over the layers (:func:`layer_densities`); the total
+        number of active weights is the same.
     seed : int, optional
         Seeds the supports and initial means.
 
@@ -69,26 +73,57 @@ def sparsify(
     if isinstance(net, nn.Linear | nn.Conv2d):  # a bare layer: convert it as a child
         net = nn.Sequential(net)
     first_conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    densities = layer_densities(net, density, allocation, first_conv if first_conv_dense else None)
     generator = seeded_generator(seed)
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-        _convert(
-            net,
-            density,
-            first_conv if first_conv_dense else None,
-            prior_std,
-            init_std,
-            sparse_kernel,
-        )
+        _convert(net, densities, prior_std, init_std, sparse_kernel)
     if not any(True for _ in sparse_layers(net)):
         raise ValueError("model has no nn.Linear or nn.Conv2d layer to make Bayesian")
     return SSVINetwork(net, task=task, noise_std=noise_std)
 
 
+ALLOCATIONS = ("uniform", "erk")
+
+
+def layer_densities(
+    net: nn.Module, density: float, allocation: str, dense_conv: nn.Module | None
+) -> dict[nn.Module, float]:
+    """Density of every ``nn.Linear``/``nn.Conv2d`` of ``net``.
+
+    ``"uniform"``: ``density`` everywhere. ``"erk"`` (Erdős–Rényi-kernel; Mocanu et al., Nat.
+    Commun. 2018; Evci et al., ICML 2020): density proportional to ``sum(dims) / prod(dims)``
+    of the weight shape (small and thin layers, e.g. the output layer, get more), scaled so
+    that the layers together keep exactly the same number of active weights as uniform
+    density, capped at 1. ``dense_conv`` stays dense in both, outside the budget.
+    """
+    check_choice("allocation", allocation, ALLOCATIONS)
+    layers = [m for m in net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    out = {m: 1.0 for m in layers if m is dense_conv}
+    sparse = [m for m in layers if m is not dense_conv]
+    if allocation == "uniform":
+        return {**out, **{m: density for m in sparse}}
+    shapes = {m: tuple(m.weight.shape) for m in sparse}
+    numel = {m: math.prod(shape) for m, shape in shapes.items()}
+    budget = density * sum(numel.values())
+    free = list(sparse)
+    while free:  # cap at 1 and spread the rest over the others
+        raw = {m: sum(shapes[m]) / numel[m] for m in free}
+        scale = (budget - sum(numel[m] for m in sparse if m not in free)) / sum(
+            raw[m] * numel[m] for m in free
+        )
+        capped = [m for m in free if scale * raw[m] >= 1.0]
+        if not capped:
+            out.update({m: scale * raw[m] for m in free})
+            break
+        out.update({m: 1.0 for m in capped})
+        free = [m for m in free if m not in capped]
+    return {**{m: 1.0 for m in sparse}, **out}
+
+
 def _convert(
     module: nn.Module,
-    density: float,
-    dense_conv: nn.Module | None,
+    densities: dict[nn.Module, float],
     prior_std: float,
     init_std: float,
     sparse_kernel: bool | str,
@@ -96,8 +131,9 @@ def _convert(
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             layer = SparseBayesLinear(
-                child.in_features, child.out_features, child.bias is not None, density=density,
-                prior_std=prior_std, init_std=init_std, sparse_kernel=sparse_kernel,
+                child.in_features, child.out_features, child.bias is not None,
+                density=densities[child], prior_std=prior_std, init_std=init_std,
+                sparse_kernel=sparse_kernel,
             )  # fmt: skip
         elif isinstance(child, nn.Conv2d):
             if child.padding_mode != "zeros":
@@ -105,11 +141,10 @@ def _convert(
             layer = SparseBayesConv2d(
                 child.in_channels, child.out_channels, child.kernel_size, child.stride,
                 child.padding, child.dilation, child.groups, child.bias is not None,
-                density=1.0 if child is dense_conv else density, prior_std=prior_std,
-                init_std=init_std,
+                density=densities[child], prior_std=prior_std, init_std=init_std,
             )  # fmt: skip
         else:
-            _convert(child, density, dense_conv, prior_std, init_std, sparse_kernel)
+            _convert(child, densities, prior_std, init_std, sparse_kernel)
             continue
         setattr(module, name, layer.to(_param_dtype(child)))
 

@@ -90,3 +90,19 @@ def test_flops_and_parameters_scale_with_density():
         x.flatten(1),
     )
     assert mlp["total"]["inference_ratio"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_erk_allocation_keeps_the_budget_and_favours_small_layers():
+    from bdl.ssvi.network import layer_densities
+
+    mlp = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    net = sparsify(mlp, 0.1, allocation="erk", seed=0)
+    dens = [m.density for m in net.layers]
+    assert dens[2] > dens[0] > dens[1]  # the thin output layer gets the most
+    assert net.density == pytest.approx(0.1, abs=1e-3)
+    capped = layer_densities(nn.Sequential(nn.Linear(2, 2), nn.Linear(500, 500)), 0.5, "erk", None)
+    assert max(capped.values()) == 1.0
+    with pytest.raises(ValueError, match="allocation"):
+        sparsify(mlp, 0.1, allocation="random")
