@@ -26,6 +26,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
 
+from bdl.core.distributed import agreed_seed
 from bdl.core.model import Model, TransformedModel
 from bdl.core.posterior import CategoricalPosterior, Posterior, SamplePosterior
 from bdl.core.transforms import Normalize, Standardize
@@ -101,16 +102,18 @@ class BayesianEstimator(BaseEstimator):
 
     # -- parameters ---------------------------------------------------------------------------
     def _seed(self) -> int:
-        """An int seed from ``random_state`` (drawn from it when it is a RandomState or None)."""
+        """An int seed from ``random_state`` (drawn from it when it is a RandomState or None);
+        under :func:`bdl.core.distributed.data_parallel` rank 0's on every rank."""
         random_state = getattr(self, "random_state", None)
         if isinstance(random_state, numbers.Integral):
-            return int(random_state)
+            return agreed_seed(int(random_state))
         try:
-            return int(check_random_state(random_state).randint(0, 2**31 - 1))
+            seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
         except ValueError as err:
             raise ValueError(
                 f"random_state must be None, an int or a numpy RandomState, got {random_state!r}"
             ) from err
+        return agreed_seed(seed)
 
     def _resolve_device(self) -> torch.device:
         return resolve_device(getattr(self, "device", None))

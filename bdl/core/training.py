@@ -5,8 +5,9 @@ over batches from a callable, with any number of optimizers (e.g. natural gradie
 variational parameters beside Adam for hyperparameters), gradient accumulation, per-step
 hooks (schedules, sample collection), early stopping through an epoch callback and an
 optional tqdm bar (off by default). ``grad_hook`` is where data-parallel training
-all-reduces gradients. :func:`minimize_lbfgs` is the full-batch alternative for small,
-smooth problems.
+all-reduces gradients: inside :func:`bdl.core.distributed.data_parallel` the loop itself
+shards every minibatch over the ranks and averages the gradients (see that module).
+:func:`minimize_lbfgs` is the full-batch alternative for small, smooth problems.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bdl.core import distributed
 from bdl.core.validation import check_int
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "minimize_lbfgs",
     "seeded",
     "seeded_generator",
+    "shardable",
     "shuffled_batches",
     "tensor_batches",
     "train",
@@ -106,7 +109,8 @@ def tensor_batches(
     Returns
     -------
     callable
-        Each call returns an iterator over one epoch's tuples of tensors.
+        Each call returns an iterator over one epoch's tuples of tensors. Its ``dims``
+        attribute marks it :func:`shardable` along ``dims`` (data-parallel training).
     """
     dims = [dims] * len(tensors) if isinstance(dims, int) else list(dims)
     if len(dims) != len(tensors):
@@ -128,7 +132,42 @@ def tensor_batches(
         for idx in order:
             yield tuple(t.index_select(d, idx) for t, d in zip(tensors, dims, strict=True))
 
-    return epoch
+    return shardable(epoch, dims)
+
+
+BatchSource = Callable[[], Iterable[tuple[Tensor, ...]]]
+
+
+def shardable(batches: BatchSource, dims: int | Sequence[int] = 0) -> BatchSource:
+    """Mark a batch source for :func:`train` as a mean over data points along ``dims``.
+
+    Under :func:`bdl.core.distributed.data_parallel`, :func:`train` splits the minibatches of
+    a marked source across the ranks (each computes a contiguous slice along ``dims``); an
+    unmarked source's batches are computed whole on every rank. :func:`tensor_batches` marks
+    its sources itself.
+
+    Parameters
+    ----------
+    batches : callable
+        Returns an iterable of tuples of tensors each epoch.
+    dims : int or sequence of int, default 0
+        Data dimension of each tensor of a batch (one int for all).
+
+    Returns
+    -------
+    callable
+        ``batches`` itself, with the attribute ``dims`` set (a wrapper if it cannot hold one).
+    """
+    try:
+        batches.dims = dims  # type: ignore[attr-defined]
+        return batches
+    except AttributeError:
+
+        def wrapped() -> Iterable[tuple[Tensor, ...]]:
+            return batches()
+
+        wrapped.dims = dims  # type: ignore[attr-defined]
+        return wrapped
 
 
 class EarlyStopping:
@@ -208,7 +247,9 @@ def train(
         collection).
     grad_hook : callable, optional
         Receives the list of optimised parameters after backward, before clipping and
-        stepping (data-parallel all-reduce of gradients).
+        stepping (e.g. :func:`bdl.core.distributed.allreduce_gradients` in a loop over each
+        rank's own shard of the data). Under :func:`~bdl.core.distributed.data_parallel` the
+        loop averages the gradients over the ranks before calling it.
     end_of_epoch : callable, optional
         ``end_of_epoch(epoch, mean_loss)``; returning True stops training (early stopping).
     batch_len : callable, optional
@@ -225,7 +266,17 @@ def train(
     Returns
     -------
     list of float
-        Mean training loss of each epoch (weighted by batch size; one device sync per epoch).
+        Mean training loss of each epoch (weighted by batch size; one device sync per epoch;
+        under data-parallel training the mean over every rank's points).
+
+    Notes
+    -----
+    Inside :func:`bdl.core.distributed.data_parallel` (every rank calls ``train`` with the
+    same batch source): the optimised parameters are broadcast from rank 0 first; each
+    minibatch of a :func:`shardable` source is split into contiguous per-rank slices of
+    ``n_r`` of its ``B`` points, the rank's loss scaled by ``P n_r / B`` and the gradients
+    averaged over the ``P`` ranks (the global minibatch's gradient); torch's global
+    generators are reseeded per rank for the duration (restored after).
 
     Raises
     ------
@@ -237,26 +288,45 @@ def train(
     accumulate = check_int("accumulate", accumulate)
     params = _params_of(optimizers)
     history: list[float] = []
+    parallel = distributed.active()
+    if parallel is not None:
+        distributed.broadcast_parameters(params, 0, parallel.group)
+        grad_hook = _parallel_hook(parallel, grad_hook)
+        dims = getattr(batches, "dims", None)
+        generators = parallel.rank_generators({p.device for p in params})
+    else:
+        generators = contextlib.nullcontext()
     bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
-    with torch.enable_grad(), training_mode(module, True):
+    with torch.enable_grad(), training_mode(module, True), generators:
         for epoch in bar:
             total, count, pending = None, 0, 0
             for batch in batches():
                 if pending == 0:
                     for opt in optimizers:
                         opt.zero_grad(set_to_none=True)
-                loss = loss_fn(*batch)
-                (loss / accumulate if accumulate > 1 else loss).backward()
+                if parallel is None:
+                    loss = loss_fn(*batch)
+                    (loss / accumulate if accumulate > 1 else loss).backward()
+                else:
+                    batch = parallel.shard(batch, dims)
+                    loss = loss_fn(*batch)
+                    (loss * (parallel.weight / accumulate)).backward()
                 pending += 1
                 if pending == accumulate:
                     _step(optimizers, params, max_grad_norm, before_step, after_step, grad_hook)
                     pending = 0
-                size = batch[0].shape[0] if batch_len is None else batch_len(batch)
+                if parallel is not None and parallel.local_size is not None:
+                    size = parallel.local_size
+                else:
+                    size = batch[0].shape[0] if batch_len is None else batch_len(batch)
                 weighted = loss.detach() * size
                 total = weighted if total is None else total + weighted
                 count += size
             if pending:
                 _step(optimizers, params, max_grad_norm, before_step, after_step, grad_hook)
+            if parallel is not None:
+                total, count = parallel.sum_scalars(0.0 if total is None else total, count)
+                total = None if count == 0 else total
             mean_loss = float(total) / max(count, 1) if total is not None else float("nan")
             if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
                 raise RuntimeError(
@@ -269,6 +339,19 @@ def train(
             if end_of_epoch is not None and end_of_epoch(epoch, mean_loss):
                 break
     return history
+
+
+def _parallel_hook(
+    parallel: distributed.DataParallel, grad_hook: Callable[[list[Tensor]], None] | None
+) -> Callable[[list[Tensor]], None]:
+    """Average the gradients over the ranks, then run the user's ``grad_hook``."""
+
+    def hook(params: list[Tensor]) -> None:
+        parallel.reduce_gradients(params)
+        if grad_hook is not None:
+            grad_hook(params)
+
+    return hook
 
 
 def _step(

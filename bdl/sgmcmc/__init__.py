@@ -17,6 +17,9 @@ With ``lr = eta * N`` the SGLD step is
 - :class:`SampleCollector`: burn-in, thinning and compact storage of weight samples; a
   :class:`bdl.core.Model` whose ``posterior(X)`` averages the network over them.
 - :func:`effective_sample_size`, :func:`rhat`: convergence diagnostics of the draws.
+- :func:`gather_chains`, :func:`merge_chains`, :func:`chain_diagnostics`: one chain per
+  torch.distributed rank (or per seed), gathered into one collector, with cross-chain
+  R-hat and ESS (:mod:`bdl.sgmcmc.chains`).
 - :class:`StructuredSampler`: structured SG-MCMC (S-SGMCMC, Alexos et al. 2022) over parameter
   groups (:func:`layer_groups`, :func:`neuron_groups`, :func:`random_groups`), full and dropout
   variants, with a ring or reservoir :class:`ChainBuffer` of past samples; also a
@@ -27,6 +30,7 @@ With ``lr = eta * N`` the SGLD step is
 
 from bdl._lazy import lazy_exports
 from bdl.sgmcmc._base import NonFiniteGradientError, SGMCMCOptimizer
+from bdl.sgmcmc.chains import chain_diagnostics, chain_seed, gather_chains, merge_chains
 from bdl.sgmcmc.collector import SampleCollector
 from bdl.sgmcmc.diagnostics import effective_sample_size, rhat
 from bdl.sgmcmc.groups import groups_from_names, layer_groups, neuron_groups, random_groups
@@ -51,6 +55,10 @@ __all__ = [
     "SampleCollector",
     "effective_sample_size",
     "rhat",
+    "gather_chains",
+    "merge_chains",
+    "chain_diagnostics",
+    "chain_seed",
     "StructuredSampler",
     "ChainBuffer",
     "layer_groups",

@@ -112,6 +112,10 @@ class SampleCollector(SamplePredictive):
     ----------
     task, noise_variance, log_noise_std
         As given; may be set after construction (checked by :meth:`posterior`).
+    chain_sizes : list of int or None
+        Samples of each chain, in storage order, when the collector holds several chains
+        (set by :func:`~bdl.sgmcmc.merge_chains` and :func:`~bdl.sgmcmc.gather_chains`);
+        None for one chain.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class SampleCollector(SamplePredictive):
         self.num_buffer_values = sum(b.numel() for b in self._buffers)
         self.num_steps = 0
         self.num_collected = 0
+        self.chain_sizes: list[int] | None = None
         self._store: collections.deque[tuple[Tensor, Tensor]] = collections.deque(
             maxlen=self.max_samples
         )
@@ -275,13 +280,17 @@ class SampleCollector(SamplePredictive):
 
     # -- serialisation -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Stored samples (oldest first) and counters; loadable with ``weights_only=True``."""
-        return {
+        """Stored samples (oldest first) and counters (and ``chain_sizes`` when set);
+        loadable with ``weights_only=True``."""
+        state = {
             "samples": self.samples,
             "buffer_samples": self.buffer_samples,
             "num_steps": self.num_steps,
             "num_collected": self.num_collected,
         }
+        if getattr(self, "chain_sizes", None) is not None:
+            state["chain_sizes"] = list(self.chain_sizes)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore samples and counters saved by :meth:`state_dict`.
@@ -313,6 +322,14 @@ class SampleCollector(SamplePredictive):
             )
         self.num_steps = check_int("num_steps", int(state_dict["num_steps"]), minimum=0)
         self.num_collected = check_int("num_collected", int(state_dict["num_collected"]), minimum=0)
+        sizes = state_dict.get("chain_sizes")
+        if sizes is not None and sum(int(k) for k in sizes) != samples.shape[0]:
+            raise ValueError(
+                f"state_dict['chain_sizes'] {list(sizes)} does not add up to the "
+                f"{samples.shape[0]} samples"
+            )
+        kept_all = len(self._store) == samples.shape[0]  # max_samples may drop the oldest
+        self.chain_sizes = None if sizes is None or not kept_all else [int(k) for k in sizes]
 
     def __repr__(self) -> str:
         return (

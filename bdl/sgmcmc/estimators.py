@@ -38,6 +38,7 @@ from bdl.sgmcmc._recipe import (
     network,
     prior_precisions,
 )
+from bdl.sgmcmc.chains import chain_diagnostics, chain_seed, gather_chains, multichain_active
 from bdl.sgmcmc.collector import SampleCollector
 from bdl.sgmcmc.schedule import CyclicalSchedule
 
@@ -49,6 +50,8 @@ DEFAULT_EPOCHS = 40
 #: epochs, rounded up): a budget counted in epochs alone leaves a small data set a few
 #: dozen steps
 MIN_STEPS = 500
+#: training inputs the function-space diagnostics of several chains use (the first ones)
+DIAGNOSTIC_POINTS = 256
 
 _PARAMS_DOC = """
     hidden_sizes : sequence of int
@@ -108,7 +111,15 @@ _PARAMS_DOC = """
     n_iter_ : int
         Optimisation steps run.
     loss_curve_ : list of float
-        Mean training loss of every epoch."""
+        Mean training loss of every epoch.
+    n_chains_ : int
+        Chains in ``model_``: 1, or inside a torch.distributed process group (outside
+        :func:`~bdl.core.distributed.data_parallel`) one per rank, each seeded with rank 0's
+        seed plus its rank and all gathered on every rank (:mod:`bdl.sgmcmc.chains`); under
+        ``data_parallel`` one chain whose gradients are averaged over the ranks.
+    chain_diagnostics_ : dict or None
+        With several chains, :func:`~bdl.sgmcmc.chain_diagnostics` of the weights and of
+        the predictions at the first 256 (standardised) training inputs; None for one."""
 
 
 class _SGMCMCEstimator(BayesianEstimator):
@@ -196,6 +207,21 @@ class _SGMCMCEstimator(BayesianEstimator):
             return int(self.epochs)
         return max(DEFAULT_EPOCHS, math.ceil(self._min_steps / steps_per_epoch))
 
+    def _seed(self) -> int:
+        """Inside a process group (not data-parallel): rank 0's seed + the rank (one chain
+        per rank, :mod:`bdl.sgmcmc.chains`)."""
+        return chain_seed(super()._seed())
+
+    def _gather_chains(self, collector: SampleCollector, x: Tensor) -> SampleCollector:
+        """Every rank's chain on every rank, with ``n_chains_`` and ``chain_diagnostics_``."""
+        self.n_chains_, self.chain_diagnostics_ = 1, None
+        if not multichain_active():
+            return collector
+        collector = gather_chains(collector)
+        self.n_chains_ = len(collector.chain_sizes)
+        self.chain_diagnostics_ = chain_diagnostics(collector, x[:DIAGNOSTIC_POINTS])
+        return collector
+
     def _priors(self, net: nn.Module) -> list[float]:
         return prior_precisions(net, self.prior_precision, self.prior_weight_variance)
 
@@ -254,6 +280,7 @@ class _SGMCMCEstimator(BayesianEstimator):
         model.eval()
         collector = SampleCollector(model, **predictive)
         collector.load_state_dict(chain.state_dict())
+        collector = self._gather_chains(collector, x)
         self.n_samples_ = len(collector)
         return collector
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bdl.core.distributed import average_batch_tensors
 from bdl.core.training import seeded, seeded_generator, tensor_batches, train
 from bdl.core.validation import check_choice, check_int, check_positive
 from bdl.ssvi.criteria import CRITERIA, removal_score
@@ -204,7 +205,8 @@ class SSVI:
         finally:
             for m in layers:
                 m._dense_override = None
-        return [g.detach() for g in grads]
+        # under data_parallel: the global minibatch's gradient (every rank grows the same)
+        return average_batch_tensors([g.detach() for g in grads])
 
     def _move(self, layer: SparseBayesLayer, grad: Tensor, k: int) -> None:
         """Remove the ``k`` lowest-scoring slots of ``layer``, grow ``k`` by ``|grad|``."""
