@@ -171,9 +171,6 @@ class BotorchModel(BotorchBase, FantasizeMixin):
         """
         return ConditionedModel(self, X, Y, noise)
 
-    def forward(self, X: Tensor) -> Any:  # BoTorch calls posterior(), never forward()
-        raise NotImplementedError("use posterior(X)")
-
 
 class ConditionedModel(BotorchModel):
     """A Gaussian model's posterior conditioned on extra observations (hyperparameters and
@@ -230,12 +227,7 @@ class ConditionedModel(BotorchModel):
         k = self.X.shape[-2]
         lead = torch.broadcast_shapes(self.X.shape[:-2], X.shape[:-2])
         both = torch.cat([_expand(self.X.to(X.dtype), lead), _expand(X, lead)], dim=-2)
-        joint = self.base.latent_posterior(both)
-        if not isinstance(joint, GaussianPosterior):
-            raise NotImplementedError(
-                f"{type(self.model).__name__} has a {type(joint).__name__}: only Gaussian "
-                "posteriors can be conditioned on observations (refit the model instead)"
-            )
+        joint = self.base.latent_posterior(both)  # Gaussian: checked at construction
         post = gaussian_conditional(joint, k, self.Y.to(X.dtype), self.noise.to(X.dtype))
         if observation_noise:
             post = post.add_observation_noise(self.base.noise_variance(X))

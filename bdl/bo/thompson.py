@@ -297,14 +297,13 @@ def _candidate_set_thompson(
     """BoTorch's ``MaxPosteriorSampling`` over a scrambled Sobol set in the box."""
     from botorch.acquisition.objective import LinearMCObjective
     from botorch.generation import MaxPosteriorSampling
-    from torch.quasirandom import SobolEngine
+    from botorch.utils.sampling import draw_sobol_samples
 
     d = bounds.shape[1]
     n = num_candidates or min(5000, max(1000, 200 * d))
     generator = seeded_generator(seed)
     sobol_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-    unit = SobolEngine(d, scramble=True, seed=sobol_seed).draw(n).to(bounds.dtype)
-    X = bounds[0] + (bounds[1] - bounds[0]) * unit
+    X = draw_sobol_samples(bounds, n, q=1, seed=sobol_seed).squeeze(-2)  # (n, d)
     objective = LinearMCObjective(torch.tensor([sign], dtype=bounds.dtype))
     sampler = MaxPosteriorSampling(model, objective=objective, replacement=False)
     with seeded(seed), torch.no_grad():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import torch
@@ -49,7 +50,7 @@ def _inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-class SparseBayesLayer(nn.Module):
+class SparseBayesLayer(nn.Module, ABC):
     """Shared slot storage, KL and topology of the sparse layers (not used directly).
 
     Parameters
@@ -148,8 +149,9 @@ class SparseBayesLayer(nn.Module):
         return kl
 
     # -- forward ---------------------------------------------------------------------------
+    @abstractmethod
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        raise NotImplementedError
+        """The layer's operation (linear map or convolution) with dense ``weight``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dense_override is not None:  # dense gradient of the means (growth step)

@@ -183,6 +183,7 @@ class SSVINetwork(nn.Module, Model):
     ) -> None:
         super().__init__()
         self.net = net
+        self._layers: list[SparseBayesLayer] | None = None
         self.task = check_choice("task", task, TASKS)
         self.num_samples = check_int("num_samples", num_samples)
         self.log_noise_std = nn.Parameter(torch.tensor(math.log(noise_std)))
@@ -191,7 +192,11 @@ class SSVINetwork(nn.Module, Model):
 
     @property
     def layers(self) -> list[SparseBayesLayer]:
-        return list(sparse_layers(self.net))
+        """The sparse Bayesian layers of :attr:`net`, in module order (found once: the KL and
+        every weight draw walk them)."""
+        if self._layers is None:
+            self._layers = list(sparse_layers(self.net))
+        return self._layers
 
     @property
     def num_outputs(self) -> int:
